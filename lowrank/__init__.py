@@ -1,0 +1,68 @@
+"""lowrank: compress LLM linear layers by truncated SVD after an activation-aware change of basis.
+
+Public API (imported lazily, so ``import lowrank`` does not import torch or transformers until a
+name is used)::
+
+    import lowrank
+    recipe = lowrank.Recipe(scalings=["whitening"], allocator="uniform", ratio=0.2)
+    report = lowrank.compress(model, recipe, calibration)   # in place
+    lowrank.save(model, "out/", tokenizer=tokenizer)
+    model = lowrank.load("out/")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+# name -> module that defines it (relative to this package)
+_EXPORTS = {
+    "LowrankError": "_errors", "RegistryError": "_errors", "RecipeError": "_errors", "CompressionError": "_errors",
+    "Strategy": "_strategy", "strategy_config": "_strategy",
+    "Scaling": "_scaling", "Transform": "_scaling", "LayerStats": "_scaling", "Diagonal": "_scaling",
+    "Triangular": "_scaling", "Dense": "_scaling", "Operator": "_scaling",
+    "Allocator": "_allocator", "Selection": "_allocator", "Budget": "_allocator", "MatrixSpectrum": "_allocator",
+    "factored_params": "_allocator", "breakeven_rank": "_allocator", "stored_params": "_allocator",
+    "Exporter": "_exporter", "atomic_directory": "_exporter",
+    "LowRankLinear": "_layers",
+    "Recipe": "_recipe",
+    "CompressionReport": "_report", "MatrixReport": "_report",
+    "compress": "_pipeline", "count_parameters": "_pipeline", "effective_rank": "_pipeline",
+    "get_registry": "_registry", "reset_registry": "_registry",
+    "save": "_io", "load": "_io",
+    "scaled_svd": "_factorize", "build_factors": "_factorize",
+}
+
+__all__ = ["hookimpl", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lowrank' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._allocator import Allocator, Budget, MatrixSpectrum, Selection, breakeven_rank, factored_params, stored_params
+    from ._errors import CompressionError, LowrankError, RecipeError, RegistryError
+    from ._exporter import Exporter, atomic_directory
+    from ._factorize import build_factors, scaled_svd
+    from ._io import load, save
+    from ._layers import LowRankLinear
+    from ._pipeline import compress, count_parameters, effective_rank
+    from ._recipe import Recipe
+    from ._registry import get_registry, reset_registry
+    from ._report import CompressionReport, MatrixReport
+    from ._scaling import Dense, Diagonal, LayerStats, Operator, Scaling, Transform, Triangular
+    from ._strategy import Strategy, strategy_config

@@ -1,0 +1,138 @@
+"""Rank allocators: which singular components each matrix keeps under a parameter budget.
+
+An allocator sees every matrix's spectrum in its scaled coordinates (and optional per-component
+scores) and returns a :class:`Selection` per matrix: usually a prefix of the spectrum (rank k), but
+any set of components with an optional rescaling per kept component is allowed.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Sequence
+
+import torch
+
+from ._strategy import Strategy
+
+__all__ = [
+    "MatrixSpectrum",
+    "Selection",
+    "Budget",
+    "Allocator",
+    "factored_params",
+    "breakeven_rank",
+    "stored_params",
+]
+
+
+def factored_params(m: int, n: int, k: int) -> int:
+    """Parameters of an (m x k)(k x n) factorization."""
+    return k * (m + n)
+
+
+def breakeven_rank(m: int, n: int) -> int:
+    """Largest rank whose factors are strictly smaller than the dense m x n matrix."""
+    return (m * n - 1) // (m + n)
+
+
+def stored_params(m: int, n: int, k: int | None) -> int:
+    """Parameters actually stored: factors when they save something, else the dense matrix."""
+    if k is None or k > breakeven_rank(m, n):
+        return m * n
+    return factored_params(m, n, k)
+
+
+@dataclass(frozen=True)
+class MatrixSpectrum:
+    """What an allocator knows about one targeted matrix.
+
+    Attributes:
+        name: module name in the model.
+        shape: (out, in) = (m, n).
+        singular_values: descending, float64, length min(m, n), in the scaled coordinates.
+        scores: optional per-component scores (same length), e.g. predicted loss changes.
+        block: index of the decoder block.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    singular_values: torch.Tensor
+    scores: torch.Tensor | None = None
+    block: int = 0
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The components one matrix keeps.
+
+    ``indices`` index the descending spectrum (``None`` keeps the matrix dense). ``rescale``
+    multiplies each kept singular value (``None`` keeps them as they are).
+    """
+
+    indices: tuple[int, ...] | None
+    rescale: tuple[float, ...] | None = None
+
+    @classmethod
+    def prefix(cls, k: int) -> "Selection":
+        return cls(tuple(range(max(int(k), 0))))
+
+    @classmethod
+    def dense(cls) -> "Selection":
+        return cls(None)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.indices is None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.indices is None else len(self.indices)
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.indices is not None and self.indices == tuple(range(len(self.indices)))
+
+    def params(self, shape: tuple[int, int]) -> int:
+        return stored_params(shape[0], shape[1], self.rank)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The parameter budget: remove ``ratio`` of the targeted matrices' parameters."""
+
+    ratio: float
+    dense_params: int
+
+    @property
+    def allowed_params(self) -> int:
+        """Most parameters the allocated matrices may store."""
+        return int(self.dense_params * (1.0 - self.ratio))
+
+
+class Allocator(Strategy):
+    """Decides the kept components of every matrix.
+
+    ``scope = "matrix"`` means each matrix's decision depends only on that matrix (the pipeline then
+    allocates block by block in one pass). ``scope = "global"`` means the decision needs every
+    matrix's spectrum: the pipeline first profiles the whole model, allocates, then compresses.
+    """
+
+    kind: ClassVar[str] = "allocator"
+    scope: ClassVar[Literal["matrix", "global"]] = "matrix"
+
+    def rank_hint(self, shape: tuple[int, int], ratio: float) -> int | None:
+        """The rank this allocator will give a matrix of ``shape``, if known before its SVD."""
+        return None
+
+    @abstractmethod
+    def allocate(self, spectra: Sequence[MatrixSpectrum], budget: Budget) -> list[Selection]:
+        """One :class:`Selection` per spectrum, in order, within ``budget``."""

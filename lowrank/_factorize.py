@@ -1,0 +1,101 @@
+"""The scaled SVD of one matrix and the factors built from a selection of its components."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ._allocator import Selection
+from ._scaling import LayerStats, Scaling, Transform
+
+__all__ = ["ScaledSVD", "scaled_svd", "build_factors", "activation_error"]
+
+
+@dataclass
+class ScaledSVD:
+    """W_s = L W R = U diag(S) Vh, with the chain of transforms that produced it."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    transforms: list[Transform]
+    notes: list[str] = field(default_factory=list)
+
+    def spectrum_error(self, selection: Selection) -> float:
+        """Relative truncation error in the scaled Frobenius norm (exact, from the spectrum)."""
+        kept = torch.zeros_like(self.s)
+        if selection.indices is None:
+            return 0.0
+        idx = torch.tensor(selection.indices, dtype=torch.long, device=self.s.device)
+        values = self.s[idx]
+        if selection.rescale is not None:
+            values = values * torch.tensor(selection.rescale, dtype=self.s.dtype, device=self.s.device)
+        kept[idx] = values
+        total = self.s.pow(2).sum()
+        return float(((self.s - kept).pow(2).sum() / total).sqrt()) if total > 0 else 0.0
+
+
+def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    try:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u, s, vh, []
+    except RuntimeError:
+        # gesdd can fail to converge on badly scaled input; gesvd (CUDA) / an eigh route is slower
+        # but robust. Report it instead of crashing.
+        if w.is_cuda:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False, driver="gesvd")
+        else:
+            import numpy as np
+            import scipy.linalg
+
+            u_, s_, vh_ = scipy.linalg.svd(w.numpy(), full_matrices=False, lapack_driver="gesvd")
+            u, s, vh = (torch.from_numpy(np.ascontiguousarray(a)) for a in (u_, s_, vh_))
+        return u, s, vh, ["SVD fell back to the gesvd driver"]
+
+
+def scaled_svd(weight: torch.Tensor, stats: LayerStats, scalings: Sequence[Scaling],
+               rank: int | None = None) -> ScaledSVD:
+    """Apply the scalings in order (each sees the previous one's output), then take the SVD."""
+    w = weight
+    transforms: list[Transform] = []
+    notes: list[str] = []
+    for scaling in scalings:
+        t = scaling.fit(w, stats, rank=rank)
+        notes.extend(f"{scaling.name}: {n}" for n in t.notes)
+        w = t.apply(w)
+        stats = stats.transformed(t)
+        transforms.append(t)
+    if not torch.isfinite(w).all():
+        raise FloatingPointError("the scaled weight is not finite")
+    u, s, vh, svd_notes = _svd(w)
+    return ScaledSVD(u, s, vh, transforms, notes + svd_notes)
+
+
+def build_factors(svd: ScaledSVD, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = L^-1 U_k S_k^1/2 and B = S_k^1/2 V_k^T R^-1 for the selected components."""
+    assert selection.indices is not None
+    idx = torch.tensor(selection.indices, dtype=torch.long, device=svd.s.device)
+    s = svd.s[idx]
+    if selection.rescale is not None:
+        s = s * torch.tensor(selection.rescale, dtype=s.dtype, device=s.device)
+    root = s.abs().sqrt()
+    a = svd.u[:, idx] * (root * torch.sign(s))[None, :]
+    b = root[:, None] * svd.vh[idx]
+    for t in reversed(svd.transforms):  # undo the last scaling first
+        if t.left is not None:
+            a = t.left.inv_left(a)
+        if t.right is not None:
+            b = t.right.inv_right(b)
+    return a, b
+
+
+def activation_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative error in the activation norm: sqrt(tr(D G D^T) / tr(W G W^T)), D = W - approx."""
+    d = weight - approx
+    num = ((d @ gram) * d).sum()
+    den = ((weight @ gram) * weight).sum()
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return float((num.clamp_min(0) / den).sqrt())

@@ -1,0 +1,123 @@
+"""Finding the decoder blocks and the targeted linear layers of a Hugging Face causal LM.
+
+Nothing here knows an architecture by name: the blocks are the ``nn.ModuleList`` whose length is
+the config's number of layers, and a target is any ``nn.Linear`` (or GPT-2's ``Conv1D``, which
+stores its weight transposed) inside a block whose name matches the recipe's patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._errors import CompressionError
+from ._layers import LowRankLinear
+
+__all__ = ["find_blocks", "find_targets", "Target", "matches", "is_linear", "weight_of", "set_submodule"]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2), identified by name to keep imports light."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight as (out x in), whatever the layer's storage convention."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    return module.weight
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList of ``num_hidden_layers`` modules that hold linear layers."""
+    n = _num_layers(model)
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    for name, mod in lists:
+        if (n is None or len(mod) == n) and any(is_linear(m) for m in mod[0].modules()):
+            return name, mod
+    raise CompressionError(
+        f"could not find the decoder blocks of {type(model).__name__}: expected an nn.ModuleList of "
+        f"{n if n is not None else 'num_hidden_layers'} blocks containing nn.Linear layers"
+    )
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """``re:`` patterns are regular expressions (searched); others are shell globs on the full name
+    or on its last component."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str        # full module name in the model
+    block: int       # decoder block index
+    local: str       # name inside the block
+    shape: tuple[int, int]  # (out, in)
+
+
+def find_targets(model: nn.Module, targets: Sequence[str] | None, ignore: Sequence[str]) -> list[Target]:
+    """Every linear layer inside a decoder block that matches ``targets`` (default: all) and not
+    ``ignore``. A pattern list that matches nothing is an error listing what exists."""
+    prefix, blocks = find_blocks(model)
+    found: list[Target] = []
+    candidates: list[str] = []
+    for i, block in enumerate(blocks):
+        for local, module in block.named_modules():
+            if not local or not is_linear(module):
+                continue
+            full = f"{prefix}.{i}.{local}"
+            candidates.append(full)
+            if targets is not None and not matches(full, targets):
+                continue
+            if matches(full, ignore):
+                continue
+            w = weight_of(module)
+            found.append(Target(full, i, local, (int(w.shape[0]), int(w.shape[1]))))
+    if not found:
+        locals_ = sorted({c.split(f"{prefix}.", 1)[1].split(".", 1)[1] for c in candidates})
+        raise CompressionError(
+            f"the target patterns {list(targets) if targets is not None else '(default)'} "
+            f"(ignore {list(ignore)}) match no linear layer in the decoder blocks. Linear layers in "
+            f"each block: {', '.join(locals_) or 'none'} (full names look like {candidates[0] if candidates else prefix + '.0.<name>'})."
+            " Patterns are globs on the full or last name, or 're:' regular expressions."
+        )
+    return found
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Replace ``root.<name>`` with ``module``; returns the module that was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
+def lowrank_from_linear(module: nn.Module, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> LowRankLinear:
+    bias = getattr(module, "bias", None)
+    device = weight_of(module).device
+    return LowRankLinear.from_factors(
+        a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype),
+        None if bias is None else bias.detach().to(device=device, dtype=dtype),
+    )
