@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._hookspecs import hookimpl
+from . import _io  # noqa: F401  (cheap; lets from_pretrained read lowrank checkpoints, see _io)
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,12 @@ _EXPORTS = {
     "get_registry": "_registry", "reset_registry": "_registry",
     "save": "_io", "load": "_io",
     "scaled_svd": "_factorize", "build_factors": "_factorize",
+    "load_model": "_models", "resolve_model": "_models", "BUNDLED_MODELS": "_models",
+    "load_text": "_text", "text_source_names": "_text",
+    "load_windows": "_windows", "calibration_windows": "_windows", "evaluation_windows": "_windows",
+    "tokenize_text": "_windows",
+    "perplexity": "_evaluate", "PerplexityResult": "_evaluate",
+    "austen_novel": "_austen", "AUSTEN_NOVELS": "_austen",
 }
 
 __all__ = ["hookimpl", "__version__", *_EXPORTS]
@@ -66,3 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._report import CompressionReport, MatrixReport
     from ._scaling import Dense, Diagonal, LayerStats, Operator, Scaling, Transform, Triangular
     from ._strategy import Strategy, strategy_config
+    from ._austen import AUSTEN_NOVELS, austen_novel
+    from ._evaluate import PerplexityResult, perplexity
+    from ._models import BUNDLED_MODELS, load_model, resolve_model
+    from ._text import load_text, text_source_names
+    from ._windows import calibration_windows, evaluation_windows, load_windows, tokenize_text

@@ -8,12 +8,21 @@ any set of components with an optional rescaling per kept component is allowed.
 from __future__ import annotations
 
 from abc import abstractmethod
+import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Sequence
 
 import torch
 
 from ._strategy import Strategy
+
+if TYPE_CHECKING:
+    from ._factorize import ScaledSVD
+    from ._refine import RefineContext
+
+# A component scorer turns one calibration batch's loss gradient for W (out x in, float32) into
+# one score per singular component; the pipeline averages the scores over the batches.
+ComponentScorer = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "MatrixSpectrum",
@@ -23,7 +32,13 @@ __all__ = [
     "factored_params",
     "breakeven_rank",
     "stored_params",
+    "floor_tolerant",
 ]
+
+
+def floor_tolerant(x: float) -> int:
+    """floor(x), forgiving the round-off of products such as 400 * (1 - 0.9) = 39.99999999999999."""
+    return math.floor(x + 1e-12 * max(1.0, abs(x)))
 
 
 def factored_params(m: int, n: int, k: int) -> int:
@@ -115,7 +130,7 @@ class Budget:
     @property
     def allowed_params(self) -> int:
         """Most parameters the allocated matrices may store."""
-        return int(self.dense_params * (1.0 - self.ratio))
+        return floor_tolerant(self.dense_params * (1.0 - self.ratio))
 
 
 class Allocator(Strategy):
@@ -132,6 +147,29 @@ class Allocator(Strategy):
     def rank_hint(self, shape: tuple[int, int], ratio: float) -> int | None:
         """The rank this allocator will give a matrix of ``shape``, if known before its SVD."""
         return None
+
+    # -- optional protocol of global allocators ---------------------------------------------------
+
+    def component_scorer(self, spectrum: MatrixSpectrum, svd: "ScaledSVD") -> ComponentScorer | None:
+        """Return a scorer to get per-component scores from calibration-loss gradients (or None).
+
+        Called during the profiling pass, while the matrix's scaled SVD is at hand; the pipeline
+        then runs one gradient pass and calls every scorer inside a gradient hook, so no
+        model-sized gradient is held. The averaged scores arrive as ``MatrixSpectrum.scores``.
+        """
+        return None
+
+    def gradient_windows(self) -> tuple[int, int] | None:
+        """(windows, tokens per window) for the gradient pass; None uses the calibration windows."""
+        return None
+
+    @property
+    def stages(self) -> int:
+        """Planning stages; between two of them :meth:`refine` may change the weights."""
+        return 1
+
+    def refine(self, context: "RefineContext", plan: dict[str, Selection]) -> None:
+        """Between stages: e.g. truncate to ``plan`` and correct the weights (ZS-SVD)."""
 
     @abstractmethod
     def allocate(self, spectra: Sequence[MatrixSpectrum], budget: Budget) -> list[Selection]:

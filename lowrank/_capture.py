@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "to_device"]
+__all__ = ["BlockInputs", "BlockContext", "capture_block_inputs", "run_block", "to_device"]
 
 
 class _Stop(Exception):
@@ -95,3 +95,28 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
 def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockContext:
+    """What a scaling that asks for ``"block"`` gets in ``LayerStats.extras["block"]``.
+
+    It can run the decoder block (with ``local`` replaced by a candidate weight through
+    ``torch.func.functional_call``) on the block's calibration inputs and compare with the
+    uncompressed block's outputs ``targets``, so it can optimise the block's output error instead
+    of the layer's own.
+    """
+
+    block: nn.Module
+    local: str
+    inputs: BlockInputs
+    index: int
+    targets: list[torch.Tensor]
+
+    def run(self, batch: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        hidden = self.inputs.hidden[batch]
+        args, kwargs = self.inputs.args_for(self.index, hidden)
+        if params is None:
+            return run_block(self.block, hidden, args, kwargs)
+        out = torch.func.functional_call(self.block, params, (hidden, *args), kwargs, strict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out

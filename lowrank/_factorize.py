@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -10,7 +11,7 @@ import torch
 from ._allocator import Selection
 from ._scaling import LayerStats, Scaling, Transform
 
-__all__ = ["ScaledSVD", "scaled_svd", "build_factors", "activation_error"]
+__all__ = ["ScaledSVD", "scaled_svd", "scaled_gradient", "build_factors", "activation_error"]
 
 
 @dataclass
@@ -22,6 +23,23 @@ class ScaledSVD:
     vh: torch.Tensor
     transforms: list[Transform]
     notes: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ScaledSVD":
+        """A copy on ``device`` (operators included), e.g. to keep profiles on the CPU."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        transforms = []
+        for t in self.transforms:
+            ops = []
+            for op in (t.left, t.right):
+                if op is None:
+                    ops.append(None)
+                    continue
+                values = {f.name: move(getattr(op, f.name)) for f in dataclasses.fields(op)}
+                ops.append(type(op)(**values))
+            transforms.append(Transform(ops[0], ops[1], list(t.notes)))
+        return ScaledSVD(move(self.u), move(self.s), move(self.vh), transforms, list(self.notes))
 
     def spectrum_error(self, selection: Selection) -> float:
         """Relative truncation error in the scaled Frobenius norm (exact, from the spectrum)."""
@@ -61,16 +79,24 @@ def scaled_svd(weight: torch.Tensor, stats: LayerStats, scalings: Sequence[Scali
     w = weight
     transforms: list[Transform] = []
     notes: list[str] = []
-    for scaling in scalings:
+    for i, scaling in enumerate(scalings):
         t = scaling.fit(w, stats, rank=rank)
         notes.extend(f"{scaling.name}: {n}" for n in t.notes)
         w = t.apply(w)
-        stats = stats.transformed(t)
+        if i + 1 < len(scalings):  # the next scaling sees the inputs in the scaled coordinates
+            stats = stats.transformed(t)
         transforms.append(t)
     if not torch.isfinite(w).all():
         raise FloatingPointError("the scaled weight is not finite")
     u, s, vh, svd_notes = _svd(w)
     return ScaledSVD(u, s, vh, transforms, notes + svd_notes)
+
+
+def scaled_gradient(svd: ScaledSVD, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient for the scaled weight W_s given the gradient for W (chain of L^-T g R^-T)."""
+    for t in svd.transforms:
+        grad = t.gradient(grad)
+    return grad
 
 
 def build_factors(svd: ScaledSVD, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:

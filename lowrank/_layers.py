@@ -50,6 +50,10 @@ class LowRankLinear(nn.Module):
         return self.A @ self.B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.A.dtype:
+            # Factors stored in a narrower dtype than the activations (recipe dtype policy): compute
+            # in the factors' dtype and hand back the caller's.
+            return F.linear(F.linear(x.to(self.A.dtype), self.B), self.A, self.bias).to(x.dtype)
         return F.linear(F.linear(x, self.B), self.A, self.bias)
 
     def extra_repr(self) -> str:

@@ -6,29 +6,36 @@ allocator choose the kept components, and swap the layer for a ``LowRankLinear``
 when factoring would not save parameters). The next block's inputs are the compressed block's
 outputs (``inputs="sequential"``) or the original block's (``inputs="original"``).
 
-Global allocators need every matrix's spectrum first: the pipeline then profiles the uncompressed
-model in a first pass, allocates, and compresses in a second pass with the planned selections.
+Global allocators need every matrix's spectrum first: the pipeline profiles the uncompressed model
+(and, when the allocator scores components from gradients, runs one gradient pass), allocates,
+and compresses in a second pass with the planned selections. A multi-stage allocator may change
+the weights between planning stages (``Allocator.refine``).
 
-On any error the model is restored to what it was: every swapped layer is put back.
+On any error the model is restored to what it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._allocator import Budget, MatrixSpectrum, Selection
-from ._capture import BlockInputs, capture_block_inputs, run_block
+from ._capture import BlockContext, BlockInputs, capture_block_inputs, run_block
 from ._errors import CompressionError
-from ._factorize import activation_error, build_factors, scaled_svd
-from ._model import Target, find_blocks, find_targets, lowrank_from_linear, set_submodule, weight_of
+from ._factorize import ScaledSVD, activation_error, build_factors, scaled_svd
+from ._gradients import gradient_pass
+from ._guard import Undo, validate_inputs
+from ._model import Target, find_blocks, find_targets, lowrank_from_linear, weight_of
 from ._recipe import Recipe
+from ._refine import RefineContext
 from ._report import CompressionReport, MatrixReport
+from ._scaling import LayerStats
 from ._stats import StatsCollector
 
 __all__ = ["compress", "resolve_device", "count_parameters", "effective_rank"]
@@ -60,66 +67,72 @@ def effective_rank(s: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _validate(model: nn.Module, calibration: torch.Tensor, targets: list[Target]) -> None:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-        raise CompressionError(
-            "calibration: expected a 2-D integer tensor of token ids (windows x tokens), got "
-            f"{type(calibration).__name__}{tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else ''}"
-        )
-    if calibration.shape[0] < 1 or calibration.shape[1] < 2:
-        raise CompressionError(
-            f"calibration: expected at least one window of at least 2 tokens, got shape {tuple(calibration.shape)}"
-        )
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
-        raise CompressionError(f"calibration: token ids must lie in [0, {vocab}), got [{int(calibration.min())}, {int(calibration.max())}]")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise CompressionError(f"the model has non-finite (NaN or inf) weights in {name}; nothing was changed")
-
-
-class _Undo:
-    """Records swapped layers so a failure puts the original ones back."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.log = model, []
-
-    def swap(self, name: str, module: nn.Module) -> None:
-        self.log.append((name, set_submodule(self.model, name, module)))
-
-    def rollback(self) -> None:
-        for name, old in reversed(self.log):
-            set_submodule(self.model, name, old)
-        self.log.clear()
+def _gradient_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    """The calibration windows re-cut into ``shape`` = (windows, tokens) sequences (or as they are)."""
+    if shape is None:
+        return calibration
+    n, length = shape
+    flat = calibration.reshape(-1)
+    n = max(1, min(n, flat.numel() // length)) if flat.numel() >= length else 1
+    length = min(length, flat.numel())
+    return flat[: n * length].reshape(n, length)
 
 
 class _Run:
     def __init__(self, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,
-                 progress: bool) -> None:
+                 progress: bool, gradient_data: torch.Tensor | None) -> None:
         self.model, self.recipe, self.progress = model, recipe, progress
         self.device, notes = resolve_device(recipe.device)
         self.targets = find_targets(model, recipe.targets, recipe.ignore)
-        _validate(model, calibration, self.targets)
+        validate_inputs(model, calibration)
         self.prefix, self.blocks = find_blocks(model)
         self.batches = list(calibration.split(batch_size))
-        self.want_abs = any("abs_mean" in s.requires for s in recipe.scalings)
+        self.calibration = calibration
+        self.gradient_data = gradient_data
+        needs = set().union(*(s.requires for s in recipe.scalings))
+        self.want_abs, self.want_inputs, self.want_block = "abs_mean" in needs, "inputs" in needs, "block" in needs
+        self.want_grad_stats = bool(needs & {"grad_row_sq", "grad_col_sq"})
+        self.grad_stats: dict[str, dict[str, torch.Tensor]] = {}
         self.report = CompressionReport(recipe.name, recipe.ratio, device=str(self.device), notes=notes)
-        self.timings = {"capture": 0.0, "forward": 0.0, "statistics": 0.0, "factorization": 0.0}
+        # "forward" is one pass of the calibration set through the uncompressed blocks ("statistics"
+        # is the time inside the hooks); "forward_next" is the extra pass through each compressed
+        # block that sequential mode needs; "planning" is the profiling/gradient work of global
+        # allocators.
+        self.timings = {"capture": 0.0, "forward": 0.0, "statistics": 0.0, "factorization": 0.0,
+                        "forward_next": 0.0, "planning": 0.0, "gradients": 0.0}
         self.by_block: dict[int, list[Target]] = {}
         for t in self.targets:
             self.by_block.setdefault(t.block, []).append(t)
 
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _bar(self, what: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(range(len(self.blocks)), desc=f"lowrank: {what}", unit="block",
+                    disable=not self.progress, file=sys.stderr, leave=False)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return {t.name: self.model.get_submodule(t.name) for t in self.targets}
+
+    def _gradient_data(self, shape: tuple[int, int] | None) -> torch.Tensor:
+        return self.gradient_data if self.gradient_data is not None else _gradient_windows(self.calibration, shape)
+
     # -- one block -----------------------------------------------------------------------------
 
-    def _collect(self, block: nn.Module, index: int, inputs: BlockInputs, keep_outputs: bool) -> tuple[StatsCollector, list[torch.Tensor] | None]:
-        collector = StatsCollector(want_abs_mean=self.want_abs)
+    def _collect(self, block: nn.Module, index: int, inputs: BlockInputs, keep_outputs: bool):
+        collector = StatsCollector(want_abs_mean=self.want_abs, want_inputs=self.want_inputs)
         modules = {t.name: block.get_submodule(t.local) for t in self.by_block.get(index, [])}
         outputs: list[torch.Tensor] | None = [] if keep_outputs else None
         start = time.perf_counter()
         with torch.no_grad(), collector.attached(modules):
             for hidden in inputs.hidden:
-                args, kwargs = inputs.args_for(index, hidden)
-                out = run_block(block, hidden, args, kwargs)
+                collector.next_batch()
+                out = run_block(block, hidden, *inputs.args_for(index, hidden))
                 if outputs is not None:
                     outputs.append(out)
         self._sync()
@@ -127,56 +140,47 @@ class _Run:
         self.timings["statistics"] += collector.seconds
         return collector, outputs
 
-    def _forward(self, block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = [run_block(block, h, *inputs.args_for(index, h)) for h in inputs.hidden]
-        self._sync()
-        self.timings["forward"] += time.perf_counter() - start
-        return out
+    def _stats_for(self, t: Target, collector: StatsCollector, block: nn.Module, index: int,
+                   inputs: BlockInputs, outputs: list[torch.Tensor] | None) -> LayerStats:
+        stats = collector.stats(t.name)
+        extras: dict[str, Any] = {}
+        if t.name in self.grad_stats:
+            extras.update({k: v.to(self.device, torch.float64) for k, v in self.grad_stats[t.name].items()})
+        if self.want_block and outputs is not None:
+            extras["block"] = BlockContext(block, t.local, inputs, index, outputs)
+        # a per-matrix view that still shares the input's Gram matrix and cache
+        return dataclasses.replace(stats, extras={**stats.extras, **extras}) if extras else stats
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _spectra(self, block: nn.Module, index: int, collector: StatsCollector,
-                 plan: dict[str, Selection] | None) -> dict[str, tuple[Any, Any, torch.Tensor, MatrixSpectrum]]:
+    def _profile(self, block: nn.Module, index: int, inputs: BlockInputs, collector: StatsCollector,
+                 outputs: list[torch.Tensor] | None, plan: dict[str, Selection] | None):
         out = {}
         for t in self.by_block.get(index, []):
             start = time.perf_counter()
-            module = block.get_submodule(t.local)
-            w = weight_of(module).detach().to(self.device, torch.float64)
-            stats = collector.stats(t.name)
-            if plan is not None:
-                rank = plan[t.name].rank
-            else:
-                rank = self.recipe.allocator.rank_hint(t.shape, self.recipe.ratio)
+            w = weight_of(block.get_submodule(t.local)).detach().to(self.device, torch.float64)
+            stats = self._stats_for(t, collector, block, index, inputs, outputs)
+            rank = plan[t.name].rank if plan is not None else self.recipe.allocator.rank_hint(t.shape, self.recipe.ratio)
             svd = scaled_svd(w, stats, self.recipe.scalings, rank=rank)
-            spectrum = MatrixSpectrum(t.name, t.shape, svd.s, None, index)
-            out[t.name] = (svd, stats, w, spectrum)
+            out[t.name] = (svd, stats, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
             self._sync()
             self.timings["factorization"] += time.perf_counter() - start
         return out
 
-    def _apply(self, block: nn.Module, index: int, spectra: dict, selections: dict[str, Selection], undo: _Undo) -> list[MatrixReport]:
+    def _apply(self, block: nn.Module, index: int, profiles: dict, selections: dict[str, Selection], undo: Undo) -> list[MatrixReport]:
         reports = []
         for t in self.by_block.get(index, []):
             start = time.perf_counter()
-            svd, stats, w, spectrum = spectra[t.name]
+            svd, stats, w, spectrum = profiles[t.name]
             sel = selections[t.name]
             m, n = t.shape
             module = block.get_submodule(t.local)
-            dense = sel.is_dense or sel.params(t.shape) >= m * n
-            cov = stats.covariance
-            if dense:
+            if sel.is_dense or sel.params(t.shape) >= m * n:
                 rank, after, s_err, a_err = None, m * n, 0.0, 0.0
             else:
                 a, b = build_factors(svd, sel)
                 s_err = svd.spectrum_error(sel)
-                a_err = activation_error(w, a @ b, cov)
+                a_err = activation_error(w, a @ b, stats.covariance)
                 dtype = weight_of(module).dtype if self.recipe.dtype == "auto" else _DTYPES[self.recipe.dtype]
-                new = lowrank_from_linear(module, a, b, dtype)
-                undo.swap(f"{self.prefix}.{index}.{t.local}", new)
+                undo.swap(f"{self.prefix}.{index}.{t.local}", lowrank_from_linear(module, a, b, dtype))
                 rank, after = sel.rank, sel.params(t.shape)
             reports.append(MatrixReport(t.name, index, t.shape, rank, m * n, after, s_err, a_err,
                                         effective_rank(svd.s), list(svd.notes)))
@@ -184,62 +188,119 @@ class _Run:
             self.timings["factorization"] += time.perf_counter() - start
         return reports
 
-    def _allocate(self, spectra: Sequence[MatrixSpectrum]) -> dict[str, Selection]:
-        budget = Budget(self.recipe.ratio, sum(s.dense_params for s in spectra))
-        selections = self.recipe.allocator.allocate(list(spectra), budget)
+    def _allocate(self, spectra: list[MatrixSpectrum]) -> dict[str, Selection]:
+        allocator = self.recipe.allocator
+        selections = allocator.allocate(spectra, Budget(self.recipe.ratio, sum(s.dense_params for s in spectra)))
         if len(selections) != len(spectra):
-            raise CompressionError(f"allocator {self.recipe.allocator.name!r} returned {len(selections)} selections for {len(spectra)} matrices")
+            raise CompressionError(f"allocator {allocator.name!r} returned {len(selections)} selections for {len(spectra)} matrices")
         for spec, sel in zip(spectra, selections):
             if sel.indices is not None and any(not 0 <= i < spec.full_rank for i in sel.indices):
-                raise CompressionError(f"allocator {self.recipe.allocator.name!r} selected components outside [0, {spec.full_rank}) for {spec.name}")
+                raise CompressionError(f"allocator {allocator.name!r} selected components outside [0, {spec.full_rank}) for {spec.name}")
         return {s.name: sel for s, sel in zip(spectra, selections)}
 
     # -- passes --------------------------------------------------------------------------------
 
-    def _blocks_on_device(self, index: int):
+    def gradient_statistics(self) -> None:
+        """Squared calibration-loss gradients per row and column, for scalings that ask (FWSVD)."""
+        start = time.perf_counter()
+        sums: dict[str, dict[str, torch.Tensor]] = {}
+
+        def probe(name: str, g: torch.Tensor) -> None:
+            acc = sums.setdefault(name, {"grad_row_sq": torch.zeros(g.shape[0], dtype=torch.float64, device=g.device),
+                                         "grad_col_sq": torch.zeros(g.shape[1], dtype=torch.float64, device=g.device)})
+            g2 = g.double().pow(2)
+            acc["grad_row_sq"] += g2.sum(1)
+            acc["grad_col_sq"] += g2.sum(0)
+
+        gradient_pass(self.model, self._gradient_data(None), self._modules(), probe)
+        self.grad_stats = {n: {k: v.cpu() for k, v in d.items()} for n, d in sums.items()}
+        self.timings["gradients"] += time.perf_counter() - start
+
+    def plan(self, inputs: BlockInputs, keep_profiles: bool) -> tuple[dict[str, Selection], dict[str, ScaledSVD]]:
+        """Profiling pass for global allocators over the current (uncompressed) weights."""
+        start = time.perf_counter()
+        allocator = self.recipe.allocator
+        spectra: dict[str, MatrixSpectrum] = {}
+        scorers: dict[str, Any] = {}
+        profiles: dict[str, ScaledSVD] = {}
+        hidden = inputs.hidden
+        for index in self._bar("profiling"):
+            block, home = self._on_device(index)
+            collector, outputs = self._collect(block, index, inputs, keep_outputs=True)
+            for name, (svd, _stats, _w, spectrum) in self._profile(block, index, inputs, collector, outputs, None).items():
+                spectra[name] = spectrum
+                scorer = allocator.component_scorer(spectrum, svd)
+                if scorer is not None:
+                    scorers[name] = scorer
+                if keep_profiles:
+                    profiles[name] = svd.to("cpu")
+            inputs.hidden = outputs  # type: ignore[assignment]
+            block.to(home)
+        inputs.hidden = hidden
+        if scorers:
+            g0 = time.perf_counter()
+            totals: dict[str, torch.Tensor] = {}
+            counts: dict[str, int] = {}
+
+            def probe(name: str, g: torch.Tensor) -> None:
+                scores = scorers[name](g).detach().double().cpu()
+                totals[name] = totals[name] + scores if name in totals else scores
+                counts[name] = counts.get(name, 0) + 1
+
+            on_device = self._model_on_device()
+            try:
+                gradient_pass(self.model, self._gradient_data(allocator.gradient_windows()), self._modules(), probe)
+            finally:
+                on_device()
+            for name, total in totals.items():
+                spectra[name] = dataclasses.replace(spectra[name], scores=total / counts[name])
+            self.timings["gradients"] += time.perf_counter() - g0
+        selections = self._allocate(list(spectra.values()))
+        self.timings["planning"] += time.perf_counter() - start
+        return selections, profiles
+
+    def _model_on_device(self):
+        """Move the whole model to the device for a gradient pass; returns the undo."""
+        home = next(self.model.parameters()).device
+        if home == self.device:
+            return lambda: None
+        self.model.to(self.device)
+        return lambda: self.model.to(home)
+
+    def _on_device(self, index: int):
         block = self.blocks[index]
         home = next(block.parameters()).device
         block.to(self.device)
         return block, home
 
-    def plan(self, inputs: BlockInputs) -> dict[str, Selection]:
-        """Profiling pass for global allocators: every spectrum of the uncompressed model."""
-        spectra: list[MatrixSpectrum] = []
-        for index in self._bar("profiling"):
-            block, home = self._blocks_on_device(index)
-            collector, outputs = self._collect(block, index, inputs, keep_outputs=True)
-            for name, (_svd, _s, _w, spectrum) in self._spectra(block, index, collector, None).items():
-                spectra.append(spectrum)
-            inputs.hidden = outputs  # type: ignore[assignment]
-            block.to(home)
-        return self._allocate(spectra)
-
-    def compress(self, inputs: BlockInputs, plan: dict[str, Selection] | None, undo: _Undo) -> None:
+    def compress(self, inputs: BlockInputs, plan: dict[str, Selection] | None, undo: Undo) -> None:
         n_blocks = len(self.blocks)
+        original = self.recipe.inputs == "original"
         for index in self._bar("compressing"):
             start = time.perf_counter()
-            block, home = self._blocks_on_device(index)
-            original = self.recipe.inputs == "original"
-            collector, outputs = self._collect(block, index, inputs, keep_outputs=original)
-            spectra = self._spectra(block, index, collector, plan)
+            block, home = self._on_device(index)
+            collector, outputs = self._collect(block, index, inputs, keep_outputs=original or self.want_block)
+            profiles = self._profile(block, index, inputs, collector, outputs, plan)
             del collector
             if plan is not None:
-                selections = {name: plan[name] for name in spectra}
+                selections = {name: plan[name] for name in profiles}
             else:
-                selections = self._allocate([v[3] for v in spectra.values()])
-            reports = self._apply(block, index, spectra, selections, undo)
-            del spectra
+                selections = self._allocate([v[3] for v in profiles.values()])
+            reports = self._apply(block, index, profiles, selections, undo)
+            del profiles
             self.report.matrices.extend(reports)
-            inputs.hidden = outputs if original else self._forward(block, index, inputs)  # type: ignore[assignment]
+            inputs.hidden = outputs if original else self._forward_next(block, index, inputs)  # type: ignore[assignment]
             block.to(home)
             if self.progress and reports:
                 self._log_block(index, n_blocks, reports, time.perf_counter() - start)
 
-    def _bar(self, what: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(range(len(self.blocks)), desc=f"lowrank: {what}", unit="block",
-                    disable=not self.progress, file=sys.stderr, leave=False)
+    def _forward_next(self, block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = [run_block(block, h, *inputs.args_for(index, h)) for h in inputs.hidden]
+        self._sync()
+        self.timings["forward_next"] += time.perf_counter() - start
+        return out
 
     def _log_block(self, index: int, n: int, reports: list[MatrixReport], seconds: float) -> None:
         from tqdm.auto import tqdm
@@ -248,9 +309,47 @@ class _Run:
         err = sum(r.activation_error for r in reports) / len(reports)
         tqdm.write(f"block {index + 1}/{n}: {ranks} | mean rel. activation error {err:.4f} | {seconds:.1f}s", file=sys.stderr)
 
+    def run(self, undo: Undo) -> None:
+        t0 = time.perf_counter()
+        inputs = capture_block_inputs(self.model, self.blocks, self.batches, self.device)
+        self.timings["capture"] += time.perf_counter() - t0
+        if self.want_grad_stats:
+            on_device = self._model_on_device()
+            try:
+                self.gradient_statistics()
+            finally:
+                on_device()
+        allocator = self.recipe.allocator
+        plan = None
+        if allocator.scope == "global":
+            stages = max(1, int(allocator.stages))
+            teacher: dict[str, torch.Tensor] = {}
+            for stage in range(stages):
+                last = stage == stages - 1
+                plan, profiles = self.plan(inputs, keep_profiles=not last)
+                if last:
+                    break
+                if not teacher:
+                    for t in self.targets:
+                        undo.save_weight(t.name)
+                        teacher[t.name] = weight_of(self.model.get_submodule(t.name)).detach().to("cpu", torch.float64, copy=True)
+                context = RefineContext(self.model, self.targets, profiles, teacher,
+                                        self._gradient_data(allocator.gradient_windows()), stage, stages)
+                on_device = self._model_on_device()
+                try:
+                    allocator.refine(context, plan)
+                finally:
+                    on_device()
+                self.report.notes.extend(context.notes)
+            if teacher:  # a matrix that ends up dense keeps its original weight
+                for t in self.targets:
+                    if plan[t.name].is_dense:
+                        context.set_weight(t.name, teacher[t.name])
+        self.compress(inputs, plan, undo)
+
 
 def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.Tensor | None = None, *,
-             batch_size: int = 8, progress: bool = True) -> CompressionReport:
+             batch_size: int = 8, progress: bool = True, gradient_data: torch.Tensor | None = None) -> CompressionReport:
     """Compress ``model`` in place with ``recipe`` and return the report.
 
     Args:
@@ -259,6 +358,8 @@ def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.
         calibration: token ids, a (windows x tokens) integer tensor.
         batch_size: windows per forward pass.
         progress: show a bar over blocks and a line per block.
+        gradient_data: token windows for the calibration-loss gradients that some strategies use
+            (default: the calibration windows, re-cut to the length the strategy asks for).
 
     The model is left unchanged when anything fails. The report is also stored as
     ``model.lowrank_report`` and the recipe as ``model.lowrank_recipe`` (the exporters read them).
@@ -274,21 +375,13 @@ def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    run = _Run(model, recipe, calibration, batch_size, progress)
+    run = _Run(model, recipe, calibration, batch_size, progress, gradient_data)
     run.report.model_params_before = count_parameters(model)
-    undo = _Undo(model)
+    undo = Undo(model)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
-        t0 = time.perf_counter()
-        inputs = capture_block_inputs(model, run.blocks, run.batches, run.device)
-        run.timings["capture"] += time.perf_counter() - t0
-        plan = None
-        if recipe.allocator.scope == "global":
-            first_hidden = list(inputs.hidden)
-            plan = run.plan(inputs)
-            inputs.hidden = first_hidden
-        run.compress(inputs, plan, undo)
+        run.run(undo)
     except BaseException:
         undo.rollback()
         model.train(was_training)
@@ -296,12 +389,11 @@ def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.
     model.train(was_training)
     report = run.report
     report.model_params_after = count_parameters(model)
-    report.timings = {**run.timings, "total": time.perf_counter() - started}
+    report.timings = {k: v for k, v in {**run.timings, "total": time.perf_counter() - started}.items() if v or k == "total"}
     report.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if run.device.type == "cuda":
         report.notes.append(f"peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:.0f} MiB")
-    fallbacks = sorted({n for m in report.matrices for n in m.notes})
-    report.notes.extend(fallbacks)
+    report.notes.extend(sorted({n for m in report.matrices for n in m.notes}))
     model.lowrank_report = report  # type: ignore[assignment]
     model.lowrank_recipe = recipe  # type: ignore[assignment]
     return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,7 +29,7 @@ __all__ = [
 
 # Statistics the pipeline knows how to collect for a layer's inputs. The Gram matrix (sum of x x^T)
 # and the token count are always collected: the report's activation-norm error needs them.
-STATISTICS = frozenset({"gram", "abs_mean"})
+STATISTICS = frozenset({"gram", "abs_mean", "inputs", "grad_row_sq", "grad_col_sq", "block"})
 
 
 class Operator(ABC):
@@ -55,6 +55,14 @@ class Operator(ABC):
     @abstractmethod
     def inv_right(self, m: torch.Tensor) -> torch.Tensor:
         """m @ op^-1"""
+
+    def inv_t_left(self, m: torch.Tensor) -> torch.Tensor:
+        """op^-T @ m (gradients move to scaled coordinates with the transposed inverses)."""
+        return self.inv_right(m.T).T
+
+    def inv_t_right(self, m: torch.Tensor) -> torch.Tensor:
+        """m @ op^-T"""
+        return self.inv_left(m.T).T
 
     @property
     def is_diagonal(self) -> bool:
@@ -163,6 +171,14 @@ class Transform:
             w = self.right.inv_right(w)
         return w
 
+    def gradient(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient for the scaled weight L W R given the gradient g for W: L^-T g R^-T."""
+        if self.left is not None:
+            g = self.left.inv_t_left(g)
+        if self.right is not None:
+            g = self.right.inv_t_right(g)
+        return g
+
 
 @dataclass
 class LayerStats:
@@ -173,13 +189,18 @@ class LayerStats:
         n_tokens: number of tokens accumulated.
         abs_mean: per-channel mean |x| (n,), when collected and still meaningful (a non-diagonal
             right transform makes it unavailable).
-        extras: anything else a strategy asked for (gradients, output statistics), by name.
+        extras: anything else a strategy asked for, by name (see ``STATISTICS``): ``inputs`` (the
+            raw inputs, tokens x n), ``grad_row_sq``/``grad_col_sq`` (squared calibration-loss
+            gradients summed per row/column over batches), ``block`` (a ``BlockContext``).
+        cache: per-input scratch space shared by layers that read the same input (q/k/v share one
+            Gram matrix), so a strategy can compute e.g. a Cholesky factor once for all of them.
     """
 
     gram: torch.Tensor
     n_tokens: int
     abs_mean: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -191,10 +212,13 @@ class LayerStats:
         if t.right is None:
             return self
         r = t.right
-        gram = r.inv_right(r.inv_left(self.gram).T).T  # R^-1 G R^-T
+        gram = r.inv_t_right(r.inv_left(self.gram))  # R^-1 G R^-T
         gram = 0.5 * (gram + gram.T)
         abs_mean = self.abs_mean / r.d.abs() if (self.abs_mean is not None and r.is_diagonal) else None  # type: ignore[attr-defined]
-        return LayerStats(gram, self.n_tokens, abs_mean, dict(self.extras))
+        extras = dict(self.extras)
+        if "inputs" in extras:
+            extras["inputs"] = r.inv_left(extras["inputs"].T.to(r.matrix().dtype)).T
+        return LayerStats(gram, self.n_tokens, abs_mean, extras)
 
 
 class Scaling(Strategy):

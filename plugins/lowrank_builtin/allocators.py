@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from pydantic import Field
 
 import lowrank
+from lowrank._allocator import floor_tolerant
 from lowrank import Budget, MatrixSpectrum, Selection, stored_params
 
 __all__ = ["Uniform", "Energy", "EnergyConfig", "uniform_rank"]
@@ -17,8 +17,7 @@ __all__ = ["Uniform", "Energy", "EnergyConfig", "uniform_rank"]
 def uniform_rank(shape: tuple[int, int], ratio: float) -> int:
     """k = floor(m n (1 - r) / (m + n)): removes the fraction r of the matrix's parameters."""
     m, n = shape
-    # The small epsilon guards against 0.8 * x landing a hair below an exact integer.
-    return min(int(math.floor(m * n * (1.0 - ratio) / (m + n) + 1e-9)), min(m, n))
+    return min(floor_tolerant(m * n * (1.0 - ratio) / (m + n)), min(m, n))
 
 
 class Uniform(lowrank.Allocator):

@@ -95,5 +95,10 @@ class Whitening(lowrank.Scaling):
     Config = WhiteningConfig
 
     def fit(self, weight, stats: LayerStats, rank=None):
-        op, notes = cholesky_factor(stats.covariance, self.config.jitter, self.config.max_tries, self.config.eig_floor)
-        return Transform(right=op, notes=notes)
+        # q/k/v (and gate/up) share one LayerStats: factor their covariance once.
+        key = (self.name, self.config)
+        if key not in stats.cache:
+            stats.cache[key] = cholesky_factor(stats.covariance, self.config.jitter, self.config.max_tries,
+                                               self.config.eig_floor)
+        op, notes = stats.cache[key]
+        return Transform(right=op, notes=list(notes))

@@ -1,0 +1,211 @@
+"""AUSTEN-512: the benchmark protocol of this project (see README.md beside this file).
+
+    python bench/austen512.py --recipes identity asvd whitening --ratios 0.2 0.4 0.6 --name analytic
+
+Model SmolLM2-135M-Instruct in float32 (Gemma 3 270M with --model gemma3-270m, with BOS).
+Calibration: 128 windows of 512 tokens drawn with seed 3 from `emma` (tokenized once).
+Evaluation: `prideprejudice`, non-overlapping 512-token windows from token 0, the first 64.
+Each (recipe, ratio) runs in a fresh subprocess, so its peak resident memory is its own.
+
+A recipe is `SCALING[+SCALING...][/ALLOCATOR]` (e.g. `whitening`, `asvd+whitening/energy`) or the
+path of a recipe YAML file (its ratio is overridden by --ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+PROTOCOL = {"calib_text": "austen:emma", "calib_windows": 128, "seqlen": 512, "seed": 3,
+            "eval_text": "austen:prideprejudice", "eval_windows": 64}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def make_recipe(spec: str, ratio: float, device: str):
+    import dataclasses
+
+    import lowrank
+
+    if spec.endswith((".yaml", ".yml")):
+        return dataclasses.replace(lowrank.Recipe.load(spec), ratio=ratio, device=device)
+    scal, _, alloc = spec.partition("/")
+    return lowrank.Recipe(scalings=scal.split("+"), allocator=alloc or "uniform", ratio=ratio,
+                          device=device, seed=PROTOCOL["seed"], name=spec)
+
+
+def windows(model_name: str, tokenizer, protocol: dict):
+    """Token windows of the protocol, cached under bench/work/ (tokenizing a novel takes seconds)."""
+    import torch
+
+    from lowrank._windows import load_windows
+
+    WORK.mkdir(exist_ok=True)
+    key = f"{model_name}-{protocol['calib_windows']}-{protocol['eval_windows']}-{protocol['seqlen']}.pt"
+    path = WORK / key
+    if path.exists():
+        return torch.load(path)
+    calib = load_windows(tokenizer, protocol["calib_text"], "calibration", protocol["calib_windows"],
+                         protocol["seqlen"], seed=protocol["seed"])
+    evaluation = load_windows(tokenizer, protocol["eval_text"], "evaluation", protocol["eval_windows"], protocol["seqlen"])
+    torch.save((calib, evaluation), path)
+    return calib, evaluation
+
+
+def run_one(model_name: str, spec: str | None, ratio: float | None, device: str, protocol: dict) -> dict:
+    """One configuration in this process: load, compress, evaluate."""
+    import torch
+
+    import lowrank
+    from lowrank._evaluate import perplexity
+    from lowrank._models import load_model
+    from lowrank._pipeline import resolve_device
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_name, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    calib, evaluation = windows(model_name, tokenizer, protocol)
+    dev, _ = resolve_device(device)
+    row: dict = {"model": model_name, "recipe": spec or "dense", "ratio": ratio or 0.0, "load_seconds": load_s}
+    if spec is not None:
+        recipe = make_recipe(spec, ratio, device)
+        if dev.type == "cuda":
+            model.to(dev)
+        report = lowrank.compress(model, recipe, calib, batch_size=8, progress=False)
+        row.update(ratio_achieved=report.ratio_achieved, target_params=report.target_params_after,
+                   target_params_before=report.target_params_before, dense_matrices=report.dense_matrices,
+                   timings=report.timings, notes=report.notes,
+                   mean_activation_error=sum(m.activation_error for m in report.matrices) / len(report.matrices))
+    model.to(dev)
+    result = perplexity(model, evaluation, batch_size=8, device=dev, progress=False)
+    row.update(perplexity=result.perplexity, finite=result.finite, eval_tokens=result.tokens,
+               model_params=lowrank.count_parameters(model), eval_seconds=result.seconds,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if dev.type == "cuda":
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return row
+
+
+def floor_seconds(t: dict) -> float:
+    """The pipeline's floor: one forward pass of the calibration set plus the factorizations."""
+    return t.get("forward", 0.0) + t.get("factorization", 0.0)
+
+
+def write_results(rows: list[dict], name: str, info: dict, protocol: dict) -> None:
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"protocol": protocol, "machine": info, "rows": rows}, indent=2))
+    lines = [f"# AUSTEN-512: {name}", "",
+             f"Machine: {info.get('gpu', 'no GPU')}; {info['cpu']} ({info['cores']} cores, {info['memory_gb']} GB); "
+             f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}.",
+             f"Protocol: calibration {protocol['calib_windows']}x{protocol['seqlen']} from {protocol['calib_text']} "
+             f"(seed {protocol['seed']}); evaluation first {protocol['eval_windows']} windows of {protocol['seqlen']} "
+             f"from {protocol['eval_text']}.",
+             "Times in seconds, model load and evaluation excluded. floor = one forward pass of the calibration "
+             "set through the uncompressed blocks + the factorizations; next-input = the extra pass through each "
+             "compressed block that sequential inputs need. Peak RSS covers the whole process (load and evaluation included).", "",
+             "| recipe | ratio | achieved | perplexity | target params | model params | dense kept | compress s | forward s | stats s | factor s | next-input s | total / floor | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("timings", {})
+        lines.append(
+            f"| {r['recipe']} | {r['ratio']:.2f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.3f}"
+            f"{'' if r['finite'] else ' (not finite)'} | {r.get('target_params', r.get('target_params_before', 0)):,} | "
+            f"{r['model_params']:,} | {r.get('dense_matrices', '')} | {t.get('total', 0):.1f} | {t.get('forward', 0):.1f} | "
+            f"{t.get('statistics', 0):.1f} | {t.get('factorization', 0):.1f} | {t.get('forward_next', 0):.1f} | "
+            f"{t.get('total', 0) / floor_seconds(t) if floor_seconds(t) else 0:.2f} | {r['peak_rss_mb']:.0f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / f"{name}.png", name)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [r for r in rows if r["recipe"] == "dense"]
+    for spec in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "dense"):
+        pts = sorted((r["ratio"], r["perplexity"]) for r in rows if r["recipe"] == spec)
+        ax.plot(*zip(*pts), marker="o", label=spec)
+    if dense:
+        ax.axhline(dense[0]["perplexity"], color="k", ls="--", lw=1, label=f"dense {dense[0]['perplexity']:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("ratio of targeted parameters removed")
+    ax.set_ylabel("perplexity (prideprejudice, 64 x 512)")
+    ax.set_title(f"AUSTEN-512: {title}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", nargs="+", default=["identity", "asvd", "whitening"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
+    p.add_argument("--name", default=None, help="results file stem (default: <model>-<recipes>)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--calib-windows", type=int, default=PROTOCOL["calib_windows"], help="(protocol: 128)")
+    p.add_argument("--eval-windows", type=int, default=PROTOCOL["eval_windows"], help="(protocol: 64)")
+    p.add_argument("--one", nargs=2, metavar=("RECIPE", "RATIO"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows}
+    if args.model.startswith("gemma"):
+        protocol["bos"] = True
+    if args.one:
+        spec, ratio = args.one
+        row = run_one(args.model, None if spec == "dense" else spec, float(ratio), args.device, protocol)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    name = args.name or f"{args.model}-{'-'.join(r.replace('/', '_').replace('+', '_') for r in args.recipes)}"
+    jobs = ([] if args.no_dense else [("dense", 0.0)]) + [(r, x) for r in args.recipes for x in args.ratios]
+    rows = []
+    for spec, ratio in jobs:
+        cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--calib-windows",
+               str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--one", spec, str(ratio)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{spec} @ {ratio}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        row = json.loads(line[0][7:])
+        rows.append(row)
+        print(f"{spec:>28} @ {ratio:.2f}: ppl {row['perplexity']:.3f}  compress {row.get('timings', {}).get('total', 0):.1f}s  "
+              f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
+        write_results(rows, name, machine(), protocol)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Per-matrix spectra of a model, compressed or not, and their plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._layers import LowRankLinear
+from ._model import find_blocks, is_linear, weight_of
+
+__all__ = ["MatrixInfo", "inspect_model", "plot_inspection", "participation_ratio"]
+
+
+def participation_ratio(s: torch.Tensor) -> float:
+    """(sum sigma)^2 / sum sigma^2."""
+    den = float(s.pow(2).sum())
+    return float(s.sum()) ** 2 / den if den > 0 else 0.0
+
+
+@dataclass
+class MatrixInfo:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    rank: int | None
+    params: int
+    effective_rank: float
+    participation_ratio: float
+    singular_values: torch.Tensor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "block": self.block, "shape": list(self.shape), "rank": self.rank,
+                "params": self.params, "effective_rank": self.effective_rank,
+                "participation_ratio": self.participation_ratio}
+
+
+@torch.no_grad()
+def inspect_model(model: nn.Module) -> list[MatrixInfo]:
+    """Every linear layer (dense or factored) inside the decoder blocks."""
+    from ._pipeline import effective_rank
+
+    prefix, blocks = find_blocks(model)
+    rows = []
+    for i, block in enumerate(blocks):
+        for local, module in block.named_modules():
+            if isinstance(module, LowRankLinear):
+                a, b = module.A.double(), module.B.double()
+                # singular values of A B from the small k x k core: A = Qa Ra, B^T = Qb Rb
+                ra = torch.linalg.qr(a).R
+                rb = torch.linalg.qr(b.T).R
+                s = torch.linalg.svdvals(ra @ rb.T)
+                shape, rank = (module.out_features, module.in_features), module.rank
+                params = module.A.numel() + module.B.numel()
+            elif local and is_linear(module):
+                w = weight_of(module).double()
+                s = torch.linalg.svdvals(w)
+                shape, rank, params = tuple(w.shape), None, w.numel()
+            else:
+                continue
+            rows.append(MatrixInfo(f"{prefix}.{i}.{local}", i, shape, rank, params,
+                                   effective_rank(s), participation_ratio(s), s.float()))
+    return rows
+
+
+def plot_inspection(rows: list[MatrixInfo], path: str, title: str = "") -> None:
+    """Left: normalized singular-value spectra by matrix type; right: rank kept per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r.name.rsplit(".", 1)[-1] for r in rows})
+    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in rows:
+        s = r.singular_values
+        if s.numel() == 0 or float(s[0]) == 0:
+            continue
+        x = torch.linspace(0, 1, s.numel())
+        ax1.plot(x, (s / s[0]).numpy(), color=colors[r.name.rsplit(".", 1)[-1]], alpha=0.35, lw=0.8)
+    for k in kinds:
+        ax1.plot([], [], color=colors[k], label=k)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("component index / full rank")
+    ax1.set_ylabel("sigma_i / sigma_1")
+    ax1.set_title("normalized singular-value spectra")
+    ax1.legend(fontsize=8, ncol=2)
+    for k in kinds:
+        sel = [r for r in rows if r.name.rsplit(".", 1)[-1] == k]
+        ranks = [(r.rank if r.rank is not None else min(r.shape)) / min(r.shape) for r in sel]
+        ax2.plot([r.block for r in sel], ranks, marker="o", ms=3, color=colors[k], label=k)
+    ax2.set_xlabel("decoder block")
+    ax2.set_ylabel("rank kept / full rank (dense = 1)")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("ranks kept per block")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

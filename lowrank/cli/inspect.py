@@ -1,0 +1,39 @@
+"""``lowrank inspect MODEL_OR_DIR``: per-matrix shapes, ranks, parameters and spectra."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+__all__ = ["inspect_command"]
+
+
+@click.command("inspect")
+@click.argument("model")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG of the spectra and ranks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
+    """Table of every targeted matrix: shape, rank, parameters, effective rank of its spectrum."""
+    from .._inspect import inspect_model, plot_inspection
+    from ._common import open_model
+
+    try:
+        net, _tok, _dev = open_model(model, "cpu")
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    rows = inspect_model(net)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        click.echo(f"{'matrix':<44} {'shape':>11} {'rank':>6} {'params':>10} {'eff.rank':>9} {'PR':>8}")
+        for r in rows:
+            rank = "dense" if r.rank is None else str(r.rank)
+            click.echo(f"{r.name:<44} {r.shape[0]:>5}x{r.shape[1]:<5} {rank:>6} {r.params:>10,} "
+                       f"{r.effective_rank:>9.1f} {r.participation_ratio:>8.1f}")
+        total = sum(r.params for r in rows)
+        dense = sum(r.shape[0] * r.shape[1] for r in rows)
+        click.echo(f"{len(rows)} matrices, {total:,} parameters ({dense:,} dense; {1 - total / dense:.4f} removed)")
+    if plot_file:
+        plot_inspection(rows, plot_file, title=model)
+        click.echo(f"wrote {plot_file}", err=True)
