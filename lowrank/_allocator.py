@@ -18,7 +18,7 @@ from ._strategy import Strategy
 
 if TYPE_CHECKING:
     from ._factorize import ScaledSVD
-    from ._refine import RefineContext
+    from ._refine import ModelContext, RefineContext
 
 # A component scorer turns one calibration batch's loss gradient for W (out x in, float32) into
 # one score per singular component; the pipeline averages the scores over the batches.
@@ -149,6 +149,10 @@ class Allocator(Strategy):
         return None
 
     # -- optional protocol of global allocators ---------------------------------------------------
+
+    def prepare(self, context: "ModelContext") -> None:
+        """Called once before planning with the model and the calibration windows (e.g. to measure
+        each matrix's sensitivity). It must leave the model as it found it."""
 
     def component_scorer(self, spectrum: MatrixSpectrum, svd: "ScaledSVD") -> ComponentScorer | None:
         """Return a scorer to get per-component scores from calibration-loss gradients (or None).

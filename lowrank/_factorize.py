@@ -11,7 +11,7 @@ import torch
 from ._allocator import Selection
 from ._scaling import LayerStats, Scaling, Transform
 
-__all__ = ["ScaledSVD", "scaled_svd", "scaled_gradient", "build_factors", "activation_error"]
+__all__ = ["ScaledSVD", "scaled_svd", "scaled_svd_batch", "scaled_gradient", "build_factors", "activation_error"]
 
 
 @dataclass
@@ -76,20 +76,31 @@ def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, lis
 def scaled_svd(weight: torch.Tensor, stats: LayerStats, scalings: Sequence[Scaling],
                rank: int | None = None) -> ScaledSVD:
     """Apply the scalings in order (each sees the previous one's output), then take the SVD."""
-    w = weight
-    transforms: list[Transform] = []
-    notes: list[str] = []
+    return scaled_svd_batch([weight], [stats], scalings, [rank])[0]
+
+
+def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], scalings: Sequence[Scaling],
+                     ranks: Sequence[int | None]) -> list[ScaledSVD]:
+    """``scaled_svd`` for several matrices of one block; each scaling fits them in one call."""
+    ws = list(weights)
+    st = list(stats)
+    transforms: list[list[Transform]] = [[] for _ in ws]
+    notes: list[list[str]] = [[] for _ in ws]
     for i, scaling in enumerate(scalings):
-        t = scaling.fit(w, stats, rank=rank)
-        notes.extend(f"{scaling.name}: {n}" for n in t.notes)
-        w = t.apply(w)
-        if i + 1 < len(scalings):  # the next scaling sees the inputs in the scaled coordinates
-            stats = stats.transformed(t)
-        transforms.append(t)
-    if not torch.isfinite(w).all():
-        raise FloatingPointError("the scaled weight is not finite")
-    u, s, vh, svd_notes = _svd(w)
-    return ScaledSVD(u, s, vh, transforms, notes + svd_notes)
+        fitted = scaling.fit_batch(list(zip(ws, st, ranks)))
+        for j, t in enumerate(fitted):
+            notes[j].extend(f"{scaling.name}: {n}" for n in t.notes)
+            ws[j] = t.apply(ws[j])
+            if i + 1 < len(scalings):  # the next scaling sees the inputs in the scaled coordinates
+                st[j] = st[j].transformed(t)
+            transforms[j].append(t)
+    out = []
+    for j, w in enumerate(ws):
+        if not torch.isfinite(w).all():
+            raise FloatingPointError("the scaled weight is not finite")
+        u, s, vh, svd_notes = _svd(w)
+        out.append(ScaledSVD(u, s, vh, transforms[j], notes[j] + svd_notes))
+    return out
 
 
 def scaled_gradient(svd: ScaledSVD, grad: torch.Tensor) -> torch.Tensor:

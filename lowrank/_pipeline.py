@@ -28,12 +28,12 @@ from torch import nn
 from ._allocator import Budget, MatrixSpectrum, Selection
 from ._capture import BlockContext, BlockInputs, capture_block_inputs, run_block
 from ._errors import CompressionError
-from ._factorize import ScaledSVD, activation_error, build_factors, scaled_svd
+from ._factorize import ScaledSVD, activation_error, build_factors, scaled_svd_batch
 from ._gradients import gradient_pass
 from ._guard import Undo, validate_inputs
 from ._model import Target, find_blocks, find_targets, lowrank_from_linear, weight_of
 from ._recipe import Recipe
-from ._refine import RefineContext
+from ._refine import ModelContext, RefineContext
 from ._report import CompressionReport, MatrixReport
 from ._scaling import LayerStats
 from ._stats import StatsCollector
@@ -153,16 +153,17 @@ class _Run:
 
     def _profile(self, block: nn.Module, index: int, inputs: BlockInputs, collector: StatsCollector,
                  outputs: list[torch.Tensor] | None, plan: dict[str, Selection] | None):
-        out = {}
-        for t in self.by_block.get(index, []):
-            start = time.perf_counter()
-            w = weight_of(block.get_submodule(t.local)).detach().to(self.device, torch.float64)
-            stats = self._stats_for(t, collector, block, index, inputs, outputs)
-            rank = plan[t.name].rank if plan is not None else self.recipe.allocator.rank_hint(t.shape, self.recipe.ratio)
-            svd = scaled_svd(w, stats, self.recipe.scalings, rank=rank)
-            out[t.name] = (svd, stats, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
-            self._sync()
-            self.timings["factorization"] += time.perf_counter() - start
+        start = time.perf_counter()
+        targets = self.by_block.get(index, [])
+        ws = [weight_of(block.get_submodule(t.local)).detach().to(self.device, torch.float64) for t in targets]
+        stats = [self._stats_for(t, collector, block, index, inputs, outputs) for t in targets]
+        ranks = [plan[t.name].rank if plan is not None else self.recipe.allocator.rank_hint(t.shape, self.recipe.ratio)
+                 for t in targets]
+        svds = scaled_svd_batch(ws, stats, self.recipe.scalings, ranks)
+        out = {t.name: (svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
+               for t, svd, st, w in zip(targets, svds, stats, ws)}
+        self._sync()
+        self.timings["factorization"] += time.perf_counter() - start
         return out
 
     def _apply(self, block: nn.Module, index: int, profiles: dict, selections: dict[str, Selection], undo: Undo) -> list[MatrixReport]:
@@ -322,6 +323,12 @@ class _Run:
         allocator = self.recipe.allocator
         plan = None
         if allocator.scope == "global":
+            context = ModelContext(self.model, self.targets, self.calibration,
+                                   self._gradient_data(allocator.gradient_windows()), self.device)
+            p0 = time.perf_counter()
+            allocator.prepare(context)
+            self.timings["planning"] += time.perf_counter() - p0
+            self.report.notes.extend(context.notes)
             stages = max(1, int(allocator.stages))
             teacher: dict[str, torch.Tensor] = {}
             for stage in range(stages):
@@ -333,8 +340,9 @@ class _Run:
                     for t in self.targets:
                         undo.save_weight(t.name)
                         teacher[t.name] = weight_of(self.model.get_submodule(t.name)).detach().to("cpu", torch.float64, copy=True)
-                context = RefineContext(self.model, self.targets, profiles, teacher,
-                                        self._gradient_data(allocator.gradient_windows()), stage, stages)
+                context = RefineContext(self.model, self.targets, self.calibration,
+                                        self._gradient_data(allocator.gradient_windows()), self.device,
+                                        profiles=profiles, teacher=teacher, stage=stage, stages=stages)
                 on_device = self._model_on_device()
                 try:
                     allocator.refine(context, plan)

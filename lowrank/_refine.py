@@ -10,7 +10,6 @@ the original weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,18 +19,23 @@ from ._factorize import ScaledSVD, build_factors
 from ._gradients import GradientPassInfo, Probe, gradient_pass
 from ._model import Target
 
-__all__ = ["RefineContext"]
+__all__ = ["ModelContext", "RefineContext"]
 
 
 @dataclass
-class RefineContext:
+class ModelContext:
+    """The model as a global allocator may see it in ``Allocator.prepare`` (before any planning).
+
+    ``calibration`` holds the calibration windows (never evaluation text), ``gradient_data`` the
+    windows for gradients, ``device`` where work should run. Whatever the allocator changes it must
+    change back; notes it appends end up in the report.
+    """
+
     model: nn.Module
     targets: list[Target]
-    profiles: dict[str, ScaledSVD]
-    teacher: dict[str, torch.Tensor]        # original weights, out x in, on the CPU
+    calibration: torch.Tensor
     gradient_data: torch.Tensor
-    stage: int
-    stages: int
+    device: torch.device
     notes: list[str] = field(default_factory=list)
 
     def module(self, name: str) -> nn.Module:
@@ -49,14 +53,29 @@ class RefineContext:
         w = w.T if type(m).__name__ == "Conv1D" else w
         m.weight.copy_(w.to(device=m.weight.device, dtype=m.weight.dtype))
 
-    def truncation(self, name: str, selection: Selection) -> torch.Tensor:
-        """The dense weight that keeping ``selection`` of this stage's scaled SVD gives (float64)."""
-        a, b = build_factors(self.profiles[name], selection)
-        return (a @ b).to(torch.float64)
-
     def gradient_pass(self, probe: Probe, windows: torch.Tensor | None = None, lean: bool = True) -> GradientPassInfo:
         modules = {t.name: self.module(t.name) for t in self.targets}
         return gradient_pass(self.model, self.gradient_data if windows is None else windows, modules, probe, lean=lean)
 
-    def extra(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stages": self.stages}
+    def loss(self, windows: torch.Tensor | None = None, batch_size: int = 8) -> float:
+        """Mean next-token cross-entropy of the model on ``windows`` (default: the calibration set)."""
+        from ._evaluate import perplexity
+
+        result = perplexity(self.model, self.calibration if windows is None else windows,
+                            batch_size=batch_size, device=self.device, progress=False)
+        return result.nll
+
+
+@dataclass
+class RefineContext(ModelContext):
+    """Between two planning stages: the profiles of the stage that just ran and the teacher weights."""
+
+    profiles: dict[str, ScaledSVD] = field(default_factory=dict)
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)   # original weights, out x in, CPU
+    stage: int = 0
+    stages: int = 1
+
+    def truncation(self, name: str, selection: Selection) -> torch.Tensor:
+        """The dense weight that keeping ``selection`` of this stage's scaled SVD gives (float64)."""
+        a, b = build_factors(self.profiles[name], selection)
+        return (a @ b).to(torch.float64)

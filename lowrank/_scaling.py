@@ -238,3 +238,10 @@ class Scaling(Strategy):
         ``rank`` is the rank the allocator will keep when it is known before the SVD (uniform
         allocation); learned scalings optimise for it, analytic ones ignore it.
         """
+
+    def fit_batch(self, items: list[tuple[torch.Tensor, LayerStats, int | None]]) -> list[Transform]:
+        """Fit several matrices of one block at once (same-shaped ones can share the work).
+
+        The default fits them one by one; learned scalings override it to optimise in a batch.
+        """
+        return [self.fit(w, s, rank=r) for w, s, r in items]

@@ -1,6 +1,12 @@
-"""The strategies that ship with `lowrank`, registered through the same hooks a third party uses."""
+"""The strategies that ship with `lowrank`, registered through the same hooks a third party uses.
+
+Each module listed in ``MODULES`` defines ``STRATEGIES``, the classes it provides; the hooks
+below register every one of them under its kind.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import lowrank
 
@@ -8,22 +14,32 @@ from .allocators import Energy, Uniform
 from .exporters import DenseExporter, HFExporter
 from .scalings import ASVD, Identity, Whitening
 
-__all__ = ["Identity", "ASVD", "Whitening", "Uniform", "Energy", "HFExporter", "DenseExporter"]
+__all__ = ["Identity", "ASVD", "Whitening", "Uniform", "Energy", "HFExporter", "DenseExporter", "MODULES"]
+
+MODULES = ("scalings", "allocators", "exporters", "sigmascale", "sensitivity", "zero_sum", "loss_aware", "fwsvd")
+
+
+def _strategies(base: type) -> list[type]:
+    found = []
+    for name in MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        found.extend(cls for cls in module.STRATEGIES if issubclass(cls, base))
+    return found
 
 
 @lowrank.hookimpl
 def lowrank_register_scalings(register):
-    for cls in (Identity, ASVD, Whitening):
+    for cls in _strategies(lowrank.Scaling):
         register(cls)
 
 
 @lowrank.hookimpl
 def lowrank_register_allocators(register):
-    for cls in (Uniform, Energy):
+    for cls in _strategies(lowrank.Allocator):
         register(cls)
 
 
 @lowrank.hookimpl
 def lowrank_register_exporters(register):
-    for cls in (HFExporter, DenseExporter):
+    for cls in _strategies(lowrank.Exporter):
         register(cls)

@@ -96,3 +96,4 @@ class Energy(lowrank.Allocator):
         if params(chosen) > budget.allowed_params:  # f = 0 still keeps rank 1 everywhere
             chosen = [0] * len(spectra)
         return [Selection.prefix(k) for k in chosen]
+STRATEGIES = [Uniform, Energy]

@@ -287,3 +287,4 @@ class DenseExporter(_Checkpoint):
     def load(self, directory: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:
         """Plain ``AutoModelForCausalLM.from_pretrained``."""
         return self._load_plain(directory, device, dtype)
+STRATEGIES = [HFExporter, DenseExporter]

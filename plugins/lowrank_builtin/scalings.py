@@ -102,3 +102,4 @@ class Whitening(lowrank.Scaling):
                                                self.config.eig_floor)
         op, notes = stats.cache[key]
         return Transform(right=op, notes=list(notes))
+STRATEGIES = [Identity, ASVD, Whitening]

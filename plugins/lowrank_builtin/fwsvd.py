@@ -1,0 +1,3 @@
+"""(being written)"""
+
+STRATEGIES: list[type] = []
