@@ -48,7 +48,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = _num_layers(model)
     lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
     for name, mod in lists:
-        if (n is None or len(mod) == n) and any(is_linear(m) for m in mod[0].modules()):
+        if (n is None or len(mod) == n) and any(is_linear(m) or isinstance(m, LowRankLinear) for m in mod[0].modules()):
             return name, mod
     raise CompressionError(
         f"could not find the decoder blocks of {type(model).__name__}: expected an nn.ModuleList of "
