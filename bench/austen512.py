@@ -5,6 +5,9 @@
 Model SmolLM2-135M-Instruct in float32 (Gemma 3 270M with --model gemma3-270m, with BOS).
 Calibration: 128 windows of 512 tokens drawn with seed 3 from `emma` (tokenized once).
 Evaluation: `prideprejudice`, non-overlapping 512-token windows from token 0, the first 64.
+Gradients (strategies that score from the calibration loss, e.g. zero-sum): 1 window of 2048 tokens
+drawn with seed 3 from `emma` (ZS-SVD's published setting), passed as `gradient_data`; scalings
+that collect gradient statistics (fwsvd) use the calibration windows instead.
 Each (recipe, ratio) runs in a fresh subprocess, so its peak resident memory is its own.
 
 A recipe is `SCALING[+SCALING...][/ALLOCATOR]` (e.g. `whitening`, `asvd+whitening/energy`) or the
@@ -26,7 +29,42 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 PROTOCOL = {"calib_text": "austen:emma", "calib_windows": 128, "seqlen": 512, "seed": 3,
-            "eval_text": "austen:prideprejudice", "eval_windows": 64}
+            "eval_text": "austen:prideprejudice", "eval_windows": 64,
+            "grad_windows": 1, "grad_seqlen": 2048}
+
+
+class RSSPeak:
+    """Highest resident memory of this process while the block runs, sampled every few ms
+    (ru_maxrss is a whole-process high-water mark: model loading would hide what compression adds)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak, self.start = interval, 0, 0
+        self._stop = None
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "RSSPeak":
+        import threading
+
+        self.start = self.peak = self.current()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.current())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
 
 
 def machine() -> dict:
@@ -68,15 +106,36 @@ def windows(model_name: str, tokenizer, protocol: dict):
     from lowrank._windows import load_windows
 
     WORK.mkdir(exist_ok=True)
+    calib_seqlen = protocol.get("calib_seqlen", protocol["seqlen"])
     key = f"{model_name}-{protocol['calib_windows']}-{protocol['eval_windows']}-{protocol['seqlen']}.pt"
+    if calib_seqlen != protocol["seqlen"]:
+        key = key.replace(".pt", f"-c{calib_seqlen}.pt")
     path = WORK / key
     if path.exists():
         return torch.load(path)
     calib = load_windows(tokenizer, protocol["calib_text"], "calibration", protocol["calib_windows"],
-                         protocol["seqlen"], seed=protocol["seed"])
+                         calib_seqlen, seed=protocol["seed"])
     evaluation = load_windows(tokenizer, protocol["eval_text"], "evaluation", protocol["eval_windows"], protocol["seqlen"])
     torch.save((calib, evaluation), path)
     return calib, evaluation
+
+
+def gradient_windows(model_name: str, tokenizer, protocol: dict):
+    """The gradient windows of the protocol (from the calibration text, same seed), cached."""
+    import torch
+
+    from lowrank._windows import load_windows
+
+    n, length = protocol.get("grad_windows", 0), protocol.get("grad_seqlen", 0)
+    if not n or not length:
+        return None
+    WORK.mkdir(exist_ok=True)
+    path = WORK / f"{model_name}-grad-{n}x{length}-s{protocol['seed']}.pt"
+    if path.exists():
+        return torch.load(path)
+    grad = load_windows(tokenizer, protocol["calib_text"], "calibration", n, length, seed=protocol["seed"])
+    torch.save(grad, path)
+    return grad
 
 
 def run_one(model_name: str, spec: str | None, ratio: float | None, device: str, protocol: dict) -> dict:
@@ -98,11 +157,21 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
         recipe = make_recipe(spec, ratio, device)
         if dev.type == "cuda":
             model.to(dev)
-        report = lowrank.compress(model, recipe, calib, batch_size=8, progress=False)
+        # gradient statistics of a scaling (fwsvd) come from the calibration windows
+        grad_stats = any(s.requires & {"grad_row_sq", "grad_col_sq"} for s in recipe.scalings)
+        grad = None if grad_stats else gradient_windows(model_name, tokenizer, protocol)
+        with RSSPeak() as rss:
+            report = lowrank.compress(model, recipe, calib, batch_size=8, progress=False, gradient_data=grad)
         row.update(ratio_achieved=report.ratio_achieved, target_params=report.target_params_after,
                    target_params_before=report.target_params_before, dense_matrices=report.dense_matrices,
                    timings=report.timings, notes=report.notes,
-                   mean_activation_error=sum(m.activation_error for m in report.matrices) / len(report.matrices))
+                   mean_activation_error=sum(m.activation_error for m in report.matrices) / len(report.matrices),
+                   compress_rss_start_mb=rss.start / 2**20, compress_rss_peak_mb=rss.peak / 2**20,
+                   ranks=[[m.name, m.block, m.rank, list(m.shape)] for m in report.matrices])
+        if dev.type == "cuda":
+            from lowrank._gradients import max_gpu_bytes
+
+            row["compress_gpu_peak_mb"] = max_gpu_bytes(dev) / 2**20
     model.to(dev)
     result = perplexity(model, evaluation, batch_size=8, device=dev, progress=False)
     row.update(perplexity=result.perplexity, finite=result.finite, eval_tokens=result.tokens,
@@ -145,7 +214,7 @@ def write_results(rows: list[dict], name: str, info: dict, protocol: dict) -> No
     plot(rows, out / f"{name}.png", name)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (prideprejudice, 64 x 512)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +229,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.axhline(dense[0]["perplexity"], color="k", ls="--", lw=1, label=f"dense {dense[0]['perplexity']:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("ratio of targeted parameters removed")
-    ax.set_ylabel("perplexity (prideprejudice, 64 x 512)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"AUSTEN-512: {title}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -179,9 +248,16 @@ def main() -> None:
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
     p.add_argument("--calib-windows", type=int, default=PROTOCOL["calib_windows"], help="(protocol: 128)")
     p.add_argument("--eval-windows", type=int, default=PROTOCOL["eval_windows"], help="(protocol: 64)")
+    p.add_argument("--calib-seqlen", type=int, default=PROTOCOL["seqlen"], help="(protocol: 512)")
+    p.add_argument("--grad-windows", type=int, default=PROTOCOL["grad_windows"],
+                   help="gradient windows (protocol: 1; 0: strategies re-cut the calibration windows)")
+    p.add_argument("--grad-seqlen", type=int, default=PROTOCOL["grad_seqlen"], help="(protocol: 2048)")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "RATIO"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows}
+    protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
+                "grad_windows": args.grad_windows, "grad_seqlen": args.grad_seqlen}
+    if args.calib_seqlen != PROTOCOL["seqlen"]:
+        protocol["calib_seqlen"] = args.calib_seqlen
     if args.model.startswith("gemma"):
         protocol["bos"] = True
     if args.one:
@@ -194,7 +270,9 @@ def main() -> None:
     rows = []
     for spec, ratio in jobs:
         cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--calib-windows",
-               str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--one", spec, str(ratio)]
+               str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--calib-seqlen",
+               str(args.calib_seqlen), "--grad-windows", str(args.grad_windows), "--grad-seqlen",
+               str(args.grad_seqlen), "--one", spec, str(ratio)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -168,6 +168,12 @@ class Allocator(Strategy):
         return None
 
     @property
+    def lean_gradients(self) -> bool:
+        """Score inside a post-accumulate-grad hook and drop each gradient at once (no model-sized
+        gradient held); False keeps a batch's gradients until its backward pass ends (to compare)."""
+        return True
+
+    @property
     def stages(self) -> int:
         """Planning stages; between two of them :meth:`refine` may change the weights."""
         return 1

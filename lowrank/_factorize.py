@@ -23,6 +23,7 @@ class ScaledSVD:
     vh: torch.Tensor
     transforms: list[Transform]
     notes: list[str] = field(default_factory=list)
+    diagnostics: dict[str, float] = field(default_factory=dict)  # "<scaling>.<key>": what scalings reported
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ScaledSVD":
         """A copy on ``device`` (operators included), e.g. to keep profiles on the CPU."""
@@ -38,8 +39,9 @@ class ScaledSVD:
                     continue
                 values = {f.name: move(getattr(op, f.name)) for f in dataclasses.fields(op)}
                 ops.append(type(op)(**values))
-            transforms.append(Transform(ops[0], ops[1], list(t.notes)))
-        return ScaledSVD(move(self.u), move(self.s), move(self.vh), transforms, list(self.notes))
+            transforms.append(Transform(ops[0], ops[1], list(t.notes), dict(t.diagnostics)))
+        return ScaledSVD(move(self.u), move(self.s), move(self.vh), transforms, list(self.notes),
+                         dict(self.diagnostics))
 
     def spectrum_error(self, selection: Selection) -> float:
         """Relative truncation error in the scaled Frobenius norm (exact, from the spectrum)."""
@@ -86,10 +88,12 @@ def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats
     st = list(stats)
     transforms: list[list[Transform]] = [[] for _ in ws]
     notes: list[list[str]] = [[] for _ in ws]
+    diagnostics: list[dict[str, float]] = [{} for _ in ws]
     for i, scaling in enumerate(scalings):
         fitted = scaling.fit_batch(list(zip(ws, st, ranks)))
         for j, t in enumerate(fitted):
             notes[j].extend(f"{scaling.name}: {n}" for n in t.notes)
+            diagnostics[j].update({f"{scaling.name}.{k}": float(v) for k, v in t.diagnostics.items()})
             ws[j] = t.apply(ws[j])
             if i + 1 < len(scalings):  # the next scaling sees the inputs in the scaled coordinates
                 st[j] = st[j].transformed(t)
@@ -99,7 +103,7 @@ def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats
         if not torch.isfinite(w).all():
             raise FloatingPointError("the scaled weight is not finite")
         u, s, vh, svd_notes = _svd(w)
-        out.append(ScaledSVD(u, s, vh, transforms[j], notes[j] + svd_notes))
+        out.append(ScaledSVD(u, s, vh, transforms[j], notes[j] + svd_notes, diagnostics[j]))
     return out
 
 

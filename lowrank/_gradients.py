@@ -17,9 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["gradient_pass", "GradientPassInfo", "Probe"]
+__all__ = ["gradient_pass", "GradientPassInfo", "Probe", "reset_gpu_peak", "max_gpu_bytes"]
 
 Probe = Callable[[str, torch.Tensor], None]
+
+# gradient_pass resets CUDA's peak counter to measure its own peak; what the counter held before
+# is carried here so that ``max_gpu_bytes`` still gives the peak since ``reset_gpu_peak``.
+_CARRIED_PEAK: dict[int, int] = {}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def reset_gpu_peak(device: torch.device) -> None:
+    """Start measuring peak GPU memory on ``device`` (``max_gpu_bytes`` reads it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        _CARRIED_PEAK.pop(_index(device), None)
+
+
+def max_gpu_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated since ``reset_gpu_peak``, gradient passes in between included."""
+    if device.type != "cuda":
+        return 0
+    return max(_CARRIED_PEAK.get(_index(device), 0), torch.cuda.max_memory_allocated(device))
 
 
 @dataclass
@@ -28,7 +50,8 @@ class GradientPassInfo:
     tokens: int
     seconds: float
     loss: float
-    peak_gpu_bytes: int = 0
+    peak_gpu_bytes: int = 0        # peak during this pass alone (CUDA only)
+    lean: bool = True
 
 
 def _as_out_in(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -50,6 +73,7 @@ def gradient_pass(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn
     start = time.perf_counter()
     total_loss, batches = 0.0, 0
     if device.type == "cuda":
+        _CARRIED_PEAK[_index(device)] = max_gpu_bytes(device)
         torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     try:
@@ -73,7 +97,7 @@ def gradient_pass(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device))
                 del logits
                 loss.backward()
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
             batches += 1
             if not lean:
                 for name, w in weights.items():
@@ -88,4 +112,4 @@ def gradient_pass(model: nn.Module, windows: torch.Tensor, modules: dict[str, nn
         model.train(was_training)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return GradientPassInfo(batches, int(windows.numel() - windows.shape[0]), time.perf_counter() - start,
-                            total_loss / max(batches, 1), peak)
+                            total_loss / max(batches, 1), peak, lean)

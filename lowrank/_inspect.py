@@ -8,16 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._diagnostics import effective_rank, participation_ratio
 from ._layers import LowRankLinear
 from ._model import find_blocks, is_linear, weight_of
 
 __all__ = ["MatrixInfo", "inspect_model", "plot_inspection", "participation_ratio"]
-
-
-def participation_ratio(s: torch.Tensor) -> float:
-    """(sum sigma)^2 / sum sigma^2."""
-    den = float(s.pow(2).sum())
-    return float(s.sum()) ** 2 / den if den > 0 else 0.0
 
 
 @dataclass
@@ -30,19 +25,28 @@ class MatrixInfo:
     effective_rank: float
     participation_ratio: float
     singular_values: torch.Tensor
+    # from the compression report, when the model carries one and a learned scaling reported them:
+    # the spectrum of the matrix as that scaling received it and of the learned scaled matrix
+    effective_rank_before: float | None = None
+    effective_rank_after: float | None = None
+    participation_ratio_before: float | None = None
+    participation_ratio_after: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "block": self.block, "shape": list(self.shape), "rank": self.rank,
                 "params": self.params, "effective_rank": self.effective_rank,
-                "participation_ratio": self.participation_ratio}
+                "participation_ratio": self.participation_ratio,
+                "effective_rank_before": self.effective_rank_before, "effective_rank_after": self.effective_rank_after,
+                "participation_ratio_before": self.participation_ratio_before,
+                "participation_ratio_after": self.participation_ratio_after}
 
 
 @torch.no_grad()
 def inspect_model(model: nn.Module) -> list[MatrixInfo]:
     """Every linear layer (dense or factored) inside the decoder blocks."""
-    from ._pipeline import effective_rank
-
     prefix, blocks = find_blocks(model)
+    report = getattr(model, "lowrank_report", None)
+    reported = {m.name: m for m in report.matrices} if report is not None else {}
     rows = []
     for i, block in enumerate(blocks):
         for local, module in block.named_modules():
@@ -60,8 +64,14 @@ def inspect_model(model: nn.Module) -> list[MatrixInfo]:
                 shape, rank, params = tuple(w.shape), None, w.numel()
             else:
                 continue
-            rows.append(MatrixInfo(f"{prefix}.{i}.{local}", i, shape, rank, params,
-                                   effective_rank(s), participation_ratio(s), s.float()))
+            info = MatrixInfo(f"{prefix}.{i}.{local}", i, shape, rank, params,
+                              effective_rank(s), participation_ratio(s), s.float())
+            m = reported.get(info.name)
+            if m is not None:
+                for key in ("effective_rank_before", "effective_rank_after", "participation_ratio_before",
+                            "participation_ratio_after"):
+                    setattr(info, key, getattr(m, key, None))
+            rows.append(info)
     return rows
 
 
@@ -79,12 +89,12 @@ def plot_inspection(rows: list[MatrixInfo], path: str, title: str = "") -> None:
         s = r.singular_values
         if s.numel() == 0 or float(s[0]) == 0:
             continue
-        x = torch.linspace(0, 1, s.numel())
+        x = torch.arange(s.numel()) / min(r.shape)  # a factored layer's spectrum ends at its rank
         ax1.plot(x, (s / s[0]).numpy(), color=colors[r.name.rsplit(".", 1)[-1]], alpha=0.35, lw=0.8)
     for k in kinds:
         ax1.plot([], [], color=colors[k], label=k)
     ax1.set_yscale("log")
-    ax1.set_xlabel("component index / full rank")
+    ax1.set_xlabel("component index / min(out, in)")
     ax1.set_ylabel("sigma_i / sigma_1")
     ax1.set_title("normalized singular-value spectra")
     ax1.legend(fontsize=8, ncol=2)

@@ -27,9 +27,10 @@ from torch import nn
 
 from ._allocator import Budget, MatrixSpectrum, Selection
 from ._capture import BlockContext, BlockInputs, capture_block_inputs, run_block
+from ._diagnostics import effective_rank, participation_ratio
 from ._errors import CompressionError
 from ._factorize import ScaledSVD, activation_error, build_factors, scaled_svd_batch
-from ._gradients import gradient_pass
+from ._gradients import GradientPassInfo, gradient_pass, max_gpu_bytes, reset_gpu_peak
 from ._guard import Undo, validate_inputs
 from ._model import Target, find_blocks, find_targets, lowrank_from_linear, weight_of
 from ._recipe import Recipe
@@ -40,6 +41,8 @@ from ._stats import StatsCollector
 
 __all__ = ["compress", "resolve_device", "count_parameters", "effective_rank"]
 
+_SPECTRUM_FIELDS = ("effective_rank_before", "effective_rank_after", "participation_ratio_before",
+                    "participation_ratio_after")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -57,16 +60,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def effective_rank(s: torch.Tensor) -> float:
-    """Entropy effective rank exp(-sum p log p), p = sigma / sum sigma."""
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    p = s / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
 def _gradient_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
     """The calibration windows re-cut into ``shape`` = (windows, tokens) sequences (or as they are)."""
     if shape is None:
@@ -78,6 +71,17 @@ def _gradient_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) 
     return flat[: n * length].reshape(n, length)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow, when its config says."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 class _Run:
     def __init__(self, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,
                  progress: bool, gradient_data: torch.Tensor | None) -> None:
@@ -86,6 +90,7 @@ class _Run:
         self.targets = find_targets(model, recipe.targets, recipe.ignore)
         validate_inputs(model, calibration)
         self.prefix, self.blocks = find_blocks(model)
+        self.homes = [next(b.parameters()).device for b in self.blocks]
         self.batches = list(calibration.split(batch_size))
         self.calibration = calibration
         self.gradient_data = gradient_data
@@ -120,7 +125,12 @@ class _Run:
         return {t.name: self.model.get_submodule(t.name) for t in self.targets}
 
     def _gradient_data(self, shape: tuple[int, int] | None) -> torch.Tensor:
-        return self.gradient_data if self.gradient_data is not None else _gradient_windows(self.calibration, shape)
+        if self.gradient_data is not None:
+            return self.gradient_data
+        limit = max_positions(self.model)
+        if shape is not None and limit is not None and shape[1] > limit:  # e.g. GPT-2's 1024 positions
+            shape = (shape[0] * -(-shape[1] // limit), limit)
+        return _gradient_windows(self.calibration, shape)
 
     # -- one block -----------------------------------------------------------------------------
 
@@ -183,8 +193,14 @@ class _Run:
                 dtype = weight_of(module).dtype if self.recipe.dtype == "auto" else _DTYPES[self.recipe.dtype]
                 undo.swap(f"{self.prefix}.{index}.{t.local}", lowrank_from_linear(module, a, b, dtype))
                 rank, after = sel.rank, sel.params(t.shape)
-            reports.append(MatrixReport(t.name, index, t.shape, rank, m * n, after, s_err, a_err,
-                                        effective_rank(svd.s), list(svd.notes)))
+            report = MatrixReport(t.name, index, t.shape, rank, m * n, after, s_err, a_err,
+                                  effective_rank(svd.s), list(svd.notes), participation_ratio(svd.s),
+                                  diagnostics=dict(svd.diagnostics))
+            for key, value in svd.diagnostics.items():  # a scaling's before/after spectrum measures
+                field_name = key.rsplit(".", 1)[-1]
+                if field_name in _SPECTRUM_FIELDS:
+                    setattr(report, field_name, value)
+            reports.append(report)
             self._sync()
             self.timings["factorization"] += time.perf_counter() - start
         return reports
@@ -213,7 +229,8 @@ class _Run:
             acc["grad_row_sq"] += g2.sum(1)
             acc["grad_col_sq"] += g2.sum(0)
 
-        gradient_pass(self.model, self._gradient_data(None), self._modules(), probe)
+        info = gradient_pass(self.model, self._gradient_data(None), self._modules(), probe)
+        self._note_gradient_pass("statistics", info)
         self.grad_stats = {n: {k: v.cpu() for k, v in d.items()} for n, d in sums.items()}
         self.timings["gradients"] += time.perf_counter() - start
 
@@ -250,15 +267,22 @@ class _Run:
 
             on_device = self._model_on_device()
             try:
-                gradient_pass(self.model, self._gradient_data(allocator.gradient_windows()), self._modules(), probe)
+                info = gradient_pass(self.model, self._gradient_data(allocator.gradient_windows()), self._modules(), probe,
+                                     lean=bool(allocator.lean_gradients))
             finally:
                 on_device()
+            self._note_gradient_pass("scores", info)
             for name, total in totals.items():
                 spectra[name] = dataclasses.replace(spectra[name], scores=total / counts[name])
             self.timings["gradients"] += time.perf_counter() - g0
         selections = self._allocate(list(spectra.values()))
         self.timings["planning"] += time.perf_counter() - start
         return selections, profiles
+
+    def _note_gradient_pass(self, what: str, info: GradientPassInfo) -> None:
+        peak = f", peak GPU {info.peak_gpu_bytes / 2**20:.0f} MiB" if info.peak_gpu_bytes else ""
+        self.report.notes.append(f"gradient pass ({what}, {'lean' if info.lean else 'plain'}): {info.batches} "
+                                 f"batch(es), {info.tokens} tokens, loss {info.loss:.4f}{peak}")
 
     def _model_on_device(self):
         """Move the whole model to the device for a gradient pass; returns the undo."""
@@ -351,7 +375,7 @@ class _Run:
                 self.report.notes.extend(context.notes)
             if teacher:  # a matrix that ends up dense keeps its original weight
                 for t in self.targets:
-                    if plan[t.name].is_dense:
+                    if plan[t.name].is_dense or plan[t.name].params(t.shape) >= t.shape[0] * t.shape[1]:
                         context.set_weight(t.name, teacher[t.name])
         self.compress(inputs, plan, undo)
 
@@ -386,11 +410,12 @@ def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.
     run = _Run(model, recipe, calibration, batch_size, progress, gradient_data)
     run.report.model_params_before = count_parameters(model)
     undo = Undo(model)
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
+    reset_gpu_peak(run.device)
     try:
         run.run(undo)
     except BaseException:
+        for block, home in zip(run.blocks, run.homes):  # a failure can strike while a block is on the GPU
+            block.to(home)
         undo.rollback()
         model.train(was_training)
         raise
@@ -400,7 +425,7 @@ def compress(model: nn.Module, recipe: Recipe | None = None, calibration: torch.
     report.timings = {k: v for k, v in {**run.timings, "total": time.perf_counter() - started}.items() if v or k == "total"}
     report.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if run.device.type == "cuda":
-        report.notes.append(f"peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**20:.0f} MiB")
+        report.notes.append(f"peak GPU memory {max_gpu_bytes(run.device) / 2**20:.0f} MiB")
     report.notes.extend(sorted({n for m in report.matrices for n in m.notes}))
     model.lowrank_report = report  # type: ignore[assignment]
     model.lowrank_recipe = recipe  # type: ignore[assignment]

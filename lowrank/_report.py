@@ -23,6 +23,14 @@ class MatrixReport:
     activation_error: float        # relative, ||(W - W') X|| / ||W X|| on the calibration inputs
     effective_rank: float = 0.0    # entropy form exp(-sum p log p), p = sigma / sum sigma
     notes: list[str] = field(default_factory=list)
+    participation_ratio: float = 0.0   # (sum sigma)^2 / sum sigma^2 of the same (final scaled) spectrum
+    # a learned scaling's view (None when no scaling reports it): the spectrum of the matrix as the
+    # scaling received it (before learning) and of the learned scaled matrix (after)
+    effective_rank_before: float | None = None
+    effective_rank_after: float | None = None
+    participation_ratio_before: float | None = None
+    participation_ratio_after: float | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)  # "<scaling>.<key>", e.g. sigmascale.loss_learned
 
     @property
     def dense(self) -> bool:

@@ -9,6 +9,7 @@ coordinates (the Gram matrix becomes R^-1 G R^-T).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,6 +157,9 @@ class Transform:
     left: Operator | None = None
     right: Operator | None = None
     notes: list[str] = field(default_factory=list)
+    # numbers a scaling reports about this matrix (a learned scaling: its loss and the spectrum's
+    # effective rank before and after learning); they end up in the report's MatrixReport
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         if self.left is not None:
@@ -194,6 +198,7 @@ class LayerStats:
             gradients summed per row/column over batches), ``block`` (a ``BlockContext``).
         cache: per-input scratch space shared by layers that read the same input (q/k/v share one
             Gram matrix), so a strategy can compute e.g. a Cholesky factor once for all of them.
+        prior: the transforms of the scalings applied before this one, in order (W_in = L W R).
     """
 
     gram: torch.Tensor
@@ -201,6 +206,7 @@ class LayerStats:
     abs_mean: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
+    prior: list[Transform] = field(default_factory=list)
 
     @property
     def covariance(self) -> torch.Tensor:
@@ -208,9 +214,14 @@ class LayerStats:
         return self.gram / max(self.n_tokens, 1)
 
     def transformed(self, t: Transform) -> "LayerStats":
-        """Statistics of the inputs seen by L W R: x' = R^-1 x."""
+        """Statistics of the inputs seen by L W R: x' = R^-1 x.
+
+        ``prior`` gains ``t``: a later scaling that evaluates the layer in its original coordinates
+        (through the block) maps back with the transforms applied before it.
+        """
+        prior = [*self.prior, t]
         if t.right is None:
-            return self
+            return dataclasses.replace(self, prior=prior)  # shares the gram matrix and the cache
         r = t.right
         gram = r.inv_t_right(r.inv_left(self.gram))  # R^-1 G R^-T
         gram = 0.5 * (gram + gram.T)
@@ -218,7 +229,7 @@ class LayerStats:
         extras = dict(self.extras)
         if "inputs" in extras:
             extras["inputs"] = r.inv_left(extras["inputs"].T.to(r.matrix().dtype)).T
-        return LayerStats(gram, self.n_tokens, abs_mean, extras)
+        return LayerStats(gram, self.n_tokens, abs_mean, extras, prior=prior)
 
 
 class Scaling(Strategy):

@@ -24,7 +24,7 @@ def _unchanged(model, snap):
 
 
 def test_unknown_strategy_lists_names():
-    with pytest.raises(RegistryError, match="unknown scaling 'whitenin'.*Did you mean 'whitening'.*asvd, identity, whitening"):
+    with pytest.raises(RegistryError, match="unknown scaling 'whitenin'.*Did you mean 'whitening'.*asvd, .*identity, .*whitening"):
         lowrank.Recipe(scalings=["whitenin"])
     with pytest.raises(RegistryError, match="Registered allocators: .*uniform"):
         lowrank.Recipe(allocator="nope")

@@ -49,7 +49,7 @@ def _rank_for_energy(s: torch.Tensor, fraction: float) -> int:
         return 0
     cum = torch.cumsum(energy, 0) / total
     # smallest k with cum[k-1] >= fraction (tolerance for round-off at fraction 1)
-    return min(int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype))) + 1, s.numel())
+    return min(int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype, device=cum.device))) + 1, s.numel())
 
 
 class Energy(lowrank.Allocator):

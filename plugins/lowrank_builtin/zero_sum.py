@@ -1,3 +1,270 @@
-"""(being written)"""
+"""Zero Sum SVD (ZS-SVD, Abbasi et al., ICML 2026): a global rank allocation from loss gradients.
 
-STRATEGIES: list[type] = []
+In the scaled (whitened) coordinates W_s = L W R = sum_i sigma_i u_i v_i^T, deleting component i
+changes the calibration loss by about dL_i = -sigma_i u_i^T H v_i, with H = L^-T G R^-T the loss
+gradient for W_s (first order; ``order: 2`` adds the diagonal second-order term
++1/2 sigma_i^2 (u_i^T H v_i)^2). Every matrix offers only its current smallest remaining component;
+the candidates sit in two min-heaps ordered by |dL| (one for dL >= 0, one for dL < 0) and the
+selection keeps the running sum of predicted changes near zero: while the sum is <= 0 it takes from
+the dL >= 0 heap, otherwise from the dL < 0 heap (falling back to the other when one is empty),
+until the parameter budget is met. Parameters are counted exactly: dropping components of a
+dense m x n matrix saves nothing until its rank reaches r* = floor((m n - 1) / (m + n)); there the
+saving is m n - r* (m + n), and (m + n) per component after. A matrix whose planned rank stays
+above r* is kept dense.
+
+The optional correction (``stages`` > 1) runs between planning stages: every planned-compressed
+matrix is set to its truncation W_t, Delta = W_teacher - W_t, the calibration-loss gradients g_b at
+the truncated weights are taken on a few batches, and the projection of Delta onto span{g_b},
+G (G^T G + eps I)^-1 G^T Delta, is added (per matrix). The next stage re-profiles, re-scores and
+re-plans from the corrected weights; the last one lands on the planned ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+
+import lowrank
+from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, stored_params
+from lowrank._factorize import build_factors
+from lowrank._pipeline import max_positions
+
+__all__ = ["ZeroSum", "ZeroSumConfig", "zero_sum_ranks", "component_floor", "predicted_changes",
+           "project_onto_gradients", "STRATEGIES"]
+
+
+@lowrank.strategy_config
+class ZeroSumConfig:
+    order: Literal[1, 2] = Field(1, description="1: dL = -sigma g; 2: -sigma g + 1/2 sigma^2 g^2 (g = u^T H v)")
+    gradient_windows: int = Field(1, ge=1, description="sequences for the scoring gradients (published: 1)")
+    gradient_seqlen: int = Field(2048, ge=2, description="tokens per gradient sequence (published: 2048)")
+    lean: bool = Field(True, description="score inside the gradient hook and drop each gradient at once")
+    keep_rank_ratio: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="every matrix keeps at least max(1, ceil(this x r*)) components (published: 0 at "
+                    "ratios 0.2/0.4, 0.3 at 0.6)")
+    stages: int = Field(1, ge=1, le=50, description="planning stages; the correction runs between two "
+                                                    "(published multi-stage scripts: 6)")
+    correction_batches: int = Field(1, ge=1, description="gradient batches of the correction (published: 1)")
+    correction_seqlen: int = Field(1024, ge=2, description="tokens per correction batch (published: 1024)")
+    eps: float = Field(1e-6, ge=0.0, description="ridge of the projection onto the gradients' span")
+
+
+# -- scores ---------------------------------------------------------------------------------------
+
+
+def predicted_changes(sigma: torch.Tensor, g: torch.Tensor, order: int = 1) -> torch.Tensor:
+    """dL_i of deleting component i from sigma_i and g_i = dL/dsigma_i = u_i^T H v_i."""
+    d = -sigma * g
+    if order == 2:
+        d = d + 0.5 * sigma.pow(2) * g.pow(2)
+    return d
+
+
+def _unscaled_bases(svd) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L^-1 U, R^-T V): u_i^T (L^-T G R^-T) v_i = (L^-1 u_i)^T G (R^-T v_i) for any chain of transforms."""
+    ones = dataclasses.replace(svd, s=torch.ones_like(svd.s))
+    a, b = build_factors(ones, Selection.prefix(svd.s.numel()))   # a = L^-1 U, b = V^T R^-1
+    return a, b.T
+
+
+# -- the selection --------------------------------------------------------------------------------
+
+
+def component_floor(shape: tuple[int, int], keep_rank_ratio: float) -> int:
+    """The fewest components a matrix keeps: max(1, ceil(keep_rank_ratio x r*)) (ZS-SVD's rule)."""
+    r_star = breakeven_rank(*shape)
+    return min(max(1, math.ceil(keep_rank_ratio * r_star - 1e-12)), min(shape))
+
+
+def zero_sum_ranks(shapes: Sequence[tuple[int, int]], scores: Sequence[Sequence[float]], allowed: int,
+                   floors: Sequence[int] | None = None) -> tuple[list[int], float]:
+    """The zero-sum greedy selection; returns (planned rank per matrix, final running sum).
+
+    ``scores[j][i]`` is the predicted loss change of deleting component i (descending spectrum
+    order) of matrix j. Components go from the end of each spectrum. The loop stops as soon as the
+    stored parameters (dense while the rank is above r*) are at most ``allowed``, or when no
+    matrix can give up another component (``floors``).
+    """
+    count = len(shapes)
+    floors = [1] * count if floors is None else list(floors)
+    ranks = [min(s) for s in shapes]
+    stored = [m * n for m, n in shapes]
+    total = sum(stored)
+    positive: list[tuple[float, int]] = []   # candidates with dL >= 0, keyed by |dL| then matrix
+    negative: list[tuple[float, int]] = []   # candidates with dL < 0
+
+    def offer(j: int) -> None:
+        if ranks[j] > floors[j]:
+            d = float(scores[j][ranks[j] - 1])
+            heapq.heappush(positive if d >= 0 else negative, (abs(d), j))
+
+    for j in range(count):
+        offer(j)
+    running = 0.0
+    while total > allowed and (positive or negative):
+        first, second = (positive, negative) if running <= 0 else (negative, positive)
+        _, j = heapq.heappop(first if first else second)
+        ranks[j] -= 1
+        running += float(scores[j][ranks[j]])
+        now = stored_params(*shapes[j], ranks[j])
+        total += now - stored[j]
+        stored[j] = now
+        offer(j)
+    return ranks, running
+
+
+# -- the correction -------------------------------------------------------------------------------
+
+
+def project_onto_gradients(delta: torch.Tensor, grads: Sequence[torch.Tensor], eps: float) -> torch.Tensor:
+    """G (G^T G + eps I)^-1 G^T Delta with the gradients as the columns of G (flattened)."""
+    g = torch.stack([x.reshape(-1).to(torch.float64) for x in grads], 1)   # (m n) x b
+    d = delta.reshape(-1).to(torch.float64)
+    gram = g.T @ g + eps * torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
+    coeff = torch.linalg.solve(gram, g.T @ d)
+    return (g @ coeff).reshape(delta.shape)
+
+
+def _correction_windows(calibration: torch.Tensor, batches: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``batches`` random runs of ``seqlen`` tokens from the calibration windows: inside one window
+    when they are long enough (contiguous text), else consecutive tokens of the concatenated windows."""
+    g = torch.Generator().manual_seed(seed)
+    n, length = calibration.shape
+    if seqlen <= length:
+        rows = torch.randint(0, n, (batches,), generator=g).tolist()
+        starts = torch.randint(0, length - seqlen + 1, (batches,), generator=g).tolist()
+        return torch.stack([calibration[r, s:s + seqlen] for r, s in zip(rows, starts)])
+    flat = calibration.reshape(-1)
+    seqlen = min(seqlen, flat.numel())
+    starts = torch.randint(0, flat.numel() - seqlen + 1, (batches,), generator=g).tolist()
+    return torch.stack([flat[s:s + seqlen] for s in starts])
+
+
+class ZeroSum(lowrank.Allocator):
+    """ZS-SVD's zero-sum global selection from first-order loss changes, with its optional correction.
+
+    Needs a gradient pass (``gradient_windows`` x ``gradient_seqlen`` tokens, by default re-cut from
+    the calibration windows; ``lowrank.compress(..., gradient_data=...)`` passes other windows).
+    Use it with a whitening-type scaling, as published.
+    """
+
+    name = "zero-sum"
+    scope = "global"
+    Config = ZeroSumConfig
+
+    @property
+    def stages(self) -> int:  # type: ignore[override]
+        return self.config.stages
+
+    @property
+    def lean_gradients(self) -> bool:  # type: ignore[override]
+        return self.config.lean
+
+    def gradient_windows(self):
+        return (self.config.gradient_windows, self.config.gradient_seqlen)
+
+    def component_scorer(self, spectrum, svd):
+        # (L^-1 U) and (R^-T V) in float32 on the device of the SVD, so the hook computes
+        # diag(U^T H V) as colsum(U' * (G V')) without forming H.
+        left, right = _unscaled_bases(svd)
+        left, right = left.float().contiguous(), right.float().contiguous()
+        sigma = svd.s.to(torch.float64)
+        order = self.config.order
+
+        def scorer(grad: torch.Tensor) -> torch.Tensor:
+            g = grad.to(left.device, torch.float32)
+            dl_dsigma = (left * (g @ right)).sum(0).double()
+            return predicted_changes(sigma.to(dl_dsigma.device), dl_dsigma, order)
+
+        return scorer
+
+    def allocate(self, spectra: Sequence[MatrixSpectrum], budget: Budget) -> list[Selection]:
+        scores = []
+        for s in spectra:
+            if s.scores is None:
+                raise lowrank.CompressionError(
+                    f"allocator 'zero-sum' needs per-component scores for {s.name} (a gradient pass); "
+                    "the pipeline provides them, a direct call must pass MatrixSpectrum.scores")
+            sc = s.scores.detach().double().cpu()
+            if not bool(torch.isfinite(sc).all()):
+                raise lowrank.CompressionError(f"allocator 'zero-sum': non-finite loss-change scores for {s.name}")
+            scores.append(sc.tolist())
+        shapes = [s.shape for s in spectra]
+        floors = [component_floor(sh, self.config.keep_rank_ratio) for sh in shapes]
+        ranks, _ = zero_sum_ranks(shapes, scores, budget.allowed_params, floors)
+        total = sum(stored_params(*sh, k) for sh, k in zip(shapes, ranks))
+        if total > budget.allowed_params:
+            raise lowrank.CompressionError(
+                f"allocator 'zero-sum': the ratio {budget.ratio} cannot be met with keep_rank_ratio "
+                f"{self.config.keep_rank_ratio} (at most {1 - total / budget.dense_params:.4f} removable); "
+                "lower keep_rank_ratio")
+        return [Selection.dense() if k > breakeven_rank(*sh) else Selection.prefix(k) for sh, k in zip(shapes, ranks)]
+
+    # -- the correction between stages ----------------------------------------------------------
+
+    def refine(self, context, plan) -> None:
+        cfg = self.config
+        compressed = set()
+        for t in context.targets:
+            sel = plan[t.name]
+            if sel.is_dense or sel.params(t.shape) >= t.shape[0] * t.shape[1]:
+                context.set_weight(t.name, context.teacher[t.name])
+            else:
+                svd = context.profiles.pop(t.name).to(context.device)   # freed as we go
+                a, b = build_factors(svd, sel)
+                context.set_weight(t.name, a @ b)
+                compressed.add(t.name)
+                del svd, a, b
+        limit = max_positions(context.model) or cfg.correction_seqlen
+        windows = _correction_windows(context.calibration, cfg.correction_batches, min(cfg.correction_seqlen, limit),
+                                      seed=1 + context.stage)
+        context.profiles.clear()   # the next stage re-profiles; free this one's SVDs before it does
+        info = self._correct(context, compressed, windows)
+        after = context.loss(windows, batch_size=1)
+        context.notes.append(f"zero-sum correction {context.stage + 1}/{context.stages - 1}: loss on its "
+                             f"{windows.shape[0]} x {windows.shape[1]} tokens {info.loss:.4f} (truncated) -> "
+                             f"{after:.4f} (corrected)")
+
+    def _correct(self, context, compressed: set[str], windows: torch.Tensor):
+        """Add to every compressed matrix the projection of (teacher - current) onto its gradients."""
+        eps = self.config.eps
+        modules = {name: context.module(name) for name in compressed}
+
+        def out_in(name: str, w: torch.Tensor) -> torch.Tensor:
+            return w.T if type(modules[name]).__name__ == "Conv1D" else w
+
+        if windows.shape[0] == 1 and self.config.lean:
+            # One gradient: the projection is (<g, Delta> / (<g, g> + eps)) g, applied inside the hook.
+            def probe(name: str, g: torch.Tensor) -> None:
+                if name not in modules:
+                    return
+                w = modules[name].weight
+                delta = context.teacher[name].to(w.device, torch.float64) - out_in(name, w.detach()).double()
+                g64 = g.double()
+                coeff = (g64 * delta).sum() / ((g64 * g64).sum() + eps)
+                with torch.no_grad():
+                    w.add_(out_in(name, (coeff * g64).to(w.dtype)))
+
+            return context.gradient_pass(probe, windows, lean=True)
+
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in compressed}
+
+        def keep(name: str, g: torch.Tensor) -> None:
+            if name in grads:
+                grads[name].append(g.detach().to("cpu", torch.float32, copy=True))
+
+        info = context.gradient_pass(keep, windows, lean=self.config.lean)
+        for name in compressed:
+            current = context.weight(name)
+            step = project_onto_gradients(context.teacher[name] - current, grads.pop(name), eps)
+            context.set_weight(name, current + step)
+        return info
+
+
+STRATEGIES = [ZeroSum]

@@ -1,0 +1,234 @@
+"""The zero-sum allocator (ZS-SVD): scores, the correction and the pipeline around them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowrank
+from lowrank import LayerStats, MatrixSpectrum, Selection, breakeven_rank, build_factors, scaled_svd, stored_params
+from lowrank._factorize import scaled_gradient
+from lowrank._model import find_targets, weight_of
+from lowrank._refine import RefineContext
+from lowrank_builtin import Identity, Whitening
+from lowrank_builtin.fwsvd import FWSVD
+from lowrank_builtin.zero_sum import ZeroSum, predicted_changes, project_onto_gradients
+
+from tiny_models import build, calibration
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models: one intra-op thread is faster and immune to a busy machine's oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def problem(m=12, n=9, t=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=D)
+    x = torch.randn(n, t, generator=g, dtype=D) * torch.linspace(0.2, 3.0, n, dtype=D)[:, None]
+    stats = LayerStats(x @ x.T, t, extras={"grad_row_sq": torch.rand(m, generator=g, dtype=D) + 0.1})
+    grad = torch.randn(m, n, generator=g, dtype=D)
+    return w, stats, grad
+
+
+@pytest.mark.parametrize("scalings", [[Whitening()], [FWSVD(), Whitening()]], ids=["whitening", "fwsvd+whitening"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_scorer_is_minus_sigma_u_h_v(scalings, order):
+    """score_i = -sigma_i u_i^T H v_i (+ 1/2 sigma^2 (u^T H v)^2), H the gradient in scaled coordinates."""
+    w, stats, grad = problem()
+    svd = scaled_svd(w, stats, scalings)
+    h = scaled_gradient(svd, grad)
+    g = torch.einsum("mi,mn,in->i", svd.u, h, svd.vh)
+    expected = -svd.s * g + (0.5 * svd.s.pow(2) * g.pow(2) if order == 2 else 0.0)
+    spectrum = MatrixSpectrum("w", tuple(w.shape), svd.s)
+    got = ZeroSum(order=order).component_scorer(spectrum, svd)(grad.float())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_first_order_score_is_exact_for_a_linear_loss():
+    """For loss(W) = <C, W>, deleting component i changes the loss by exactly -sigma_i u_i^T H v_i."""
+    w, stats, c = problem(seed=3)
+    svd = scaled_svd(w, stats, [FWSVD(), Whitening()])
+    r = svd.s.numel()
+    full = build_factors(svd, Selection.prefix(r))
+    w_full = full[0] @ full[1]
+    scores = predicted_changes(svd.s, torch.einsum("mi,mn,in->i", svd.u, scaled_gradient(svd, c), svd.vh))
+    for i in (0, r // 2, r - 1):
+        a, b = build_factors(svd, Selection(tuple(j for j in range(r) if j != i)))
+        actual = float((c * (a @ b - w_full)).sum())
+        assert actual == pytest.approx(float(scores[i]), rel=1e-8, abs=1e-10)
+
+
+def test_projection_onto_gradients():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 5, generator=g, dtype=D)
+    g1, g2 = torch.randn(6, 5, generator=g, dtype=D), torch.randn(6, 5, generator=g, dtype=D)
+    one = project_onto_gradients(delta, [g1], eps=0.0)
+    torch.testing.assert_close(one, (g1 * delta).sum() / (g1 * g1).sum() * g1)
+    two = project_onto_gradients(delta, [g1, g2], eps=0.0)
+    residual = delta - two   # orthogonal to the span
+    assert abs(float((residual * g1).sum())) < 1e-10 and abs(float((residual * g2).sum())) < 1e-10
+
+
+# -- the correction on a tiny model ---------------------------------------------------------------
+
+
+def _trained_tiny(seed=0):
+    """A tiny Llama given a few steps of training, so its loss landscape is not flat."""
+    model = build("llama", seed=seed)
+    data = calibration(8, 32, seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(25):
+        logits = model(data).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), data[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return model, data
+
+
+def _context(model, data, rank_fraction=0.5):
+    targets = find_targets(model, None, [])
+    teacher, profiles, plan = {}, {}, {}
+    for t in targets:
+        w = weight_of(model.get_submodule(t.name)).detach().double()
+        teacher[t.name] = w.clone()
+        profiles[t.name] = scaled_svd(w, LayerStats(torch.zeros(w.shape[1], w.shape[1], dtype=D), 0), [Identity()])
+        plan[t.name] = Selection.prefix(max(1, int(rank_fraction * min(w.shape))))
+    ctx = RefineContext(model, targets, data, data[:1], torch.device("cpu"), profiles=profiles, teacher=teacher,
+                        stage=0, stages=2)
+    return ctx, plan
+
+
+@pytest.mark.parametrize("lean,batches", [(True, 1), (False, 1), (True, 2)])
+def test_correction_reduces_the_calibration_loss(lean, batches):
+    model, data = _trained_tiny()
+    ctx, plan = _context(model, data)
+    for name, sel in plan.items():
+        ctx.set_weight(name, ctx.truncation(name, sel))
+    truncated = ctx.loss()
+    ZeroSum(stages=2, lean=lean, correction_batches=batches, correction_seqlen=128).refine(ctx, plan)
+    corrected = ctx.loss()
+    assert corrected < truncated - 1e-3, (truncated, corrected)
+    assert any("zero-sum correction" in n for n in ctx.notes)
+
+
+def test_lean_and_plain_corrections_agree():
+    results = []
+    for lean in (True, False):
+        model, data = _trained_tiny()
+        ctx, plan = _context(model, data)
+        ZeroSum(stages=2, lean=lean, correction_seqlen=128).refine(ctx, plan)
+        results.append({n: ctx.weight(n) for n in plan})
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+# -- through the pipeline ---------------------------------------------------------------------------
+
+
+def _max_saving(report):
+    return max(sum(m.shape) for m in report.matrices)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compress_meets_the_ratio_within_one_component(arch):
+    model = build(arch)
+    recipe = lowrank.Recipe(scalings=["whitening"], allocator={"zero-sum": {"gradient_seqlen": 64}}, ratio=0.4)
+    report = lowrank.compress(model, recipe, calibration(), progress=False)
+    removed = report.target_params_before - report.target_params_after
+    assert removed >= 0.4 * report.target_params_before - 1e-6
+    assert removed - 0.4 * report.target_params_before < _max_saving(report)
+    assert report.dense_matrices == sum(m.rank is None for m in report.matrices)
+    for m in report.matrices:
+        assert m.rank is None or m.rank <= breakeven_rank(*m.shape)
+        assert m.params_after == stored_params(*m.shape, m.rank)
+    assert any(n.startswith("gradient pass (scores, lean): 1 batch(es), 63 tokens") for n in report.notes)
+    assert torch.isfinite(model(calibration(1, 16)).logits).all()
+
+
+def test_plain_gradients_give_the_same_plan_as_lean():
+    ranks = []
+    for lean in (True, False):
+        model = build("llama")
+        recipe = lowrank.Recipe(allocator={"zero-sum": {"lean": lean, "gradient_seqlen": 64}}, ratio=0.3)
+        report = lowrank.compress(model, recipe, calibration(), progress=False)
+        assert any(f"(scores, {'lean' if lean else 'plain'})" in n for n in report.notes)
+        ranks.append([m.rank for m in report.matrices])
+    assert ranks[0] == ranks[1]
+
+
+def test_default_gradient_windows_respect_the_position_limit():
+    """2048 tokens for a GPT-2 with 64 positions: re-cut into 64-token windows from the calibration."""
+    model = build("gpt2")
+    report = lowrank.compress(model, lowrank.Recipe(allocator="zero-sum", ratio=0.3), calibration(8, 32), progress=False)
+    assert any("scores, lean): 4 batch(es), 252 tokens" in n for n in report.notes)
+
+
+def test_explicit_gradient_data_is_used():
+    model = build("llama")
+    recipe = lowrank.Recipe(allocator="zero-sum", ratio=0.3)
+    report = lowrank.compress(model, recipe, calibration(), progress=False, gradient_data=calibration(2, 20, seed=5))
+    assert any("2 batch(es), 38 tokens" in n for n in report.notes)
+
+
+def test_stages_correct_and_dense_matrices_get_the_teacher_back():
+    model = build("llama")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = lowrank.Recipe(allocator={"zero-sum": {"stages": 3, "gradient_seqlen": 64, "correction_seqlen": 64}},
+                            ratio=0.4)
+    report = lowrank.compress(model, recipe, calibration(), progress=False)
+    assert sum("zero-sum correction" in n for n in report.notes) == 2
+    assert sum("gradient pass (scores" in n for n in report.notes) == 3
+    assert report.ratio_achieved >= 0.4
+    assert report.dense_matrices > 0   # the tiny model's first block: see test_compress_meets...
+    for m in report.matrices:
+        if m.rank is None:
+            torch.testing.assert_close(model.get_submodule(m.name).weight, original[m.name + ".weight"], rtol=0, atol=0)
+
+
+def test_failure_leaves_the_model_untouched():
+    model = build("llama")
+    before = copy.deepcopy(model.state_dict())
+
+    class Boom(ZeroSum):
+        name = "zero-sum"
+
+        def refine(self, context, plan):
+            super().refine(context, plan)
+            raise RuntimeError("boom")
+
+    recipe = lowrank.Recipe(allocator=Boom(stages=2, gradient_seqlen=32, correction_seqlen=32), ratio=0.3)
+    with pytest.raises(RuntimeError, match="boom"):
+        lowrank.compress(model, recipe, calibration(), progress=False)
+    after = model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+
+
+def test_recipe_round_trip_and_validation():
+    recipe = lowrank.Recipe(allocator={"zero-sum": {"stages": 6, "keep_rank_ratio": 0.3, "order": 2}}, ratio=0.6)
+    again = lowrank.Recipe.from_yaml(recipe.to_yaml())
+    assert again.allocator == recipe.allocator and again.allocator.stages == 6
+    with pytest.raises(lowrank.RecipeError, match="order"):
+        lowrank.Recipe(allocator={"zero-sum": {"order": 3}})
+
+
+def test_an_unreachable_ratio_with_a_rank_floor_is_an_error():
+    spectra = [MatrixSpectrum("a", (10, 10), torch.ones(10, dtype=D), torch.zeros(10, dtype=D))]
+    with pytest.raises(lowrank.CompressionError, match="keep_rank_ratio"):
+        ZeroSum(keep_rank_ratio=1.0).allocate(spectra, lowrank.Budget(0.9, 100))
