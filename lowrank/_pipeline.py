@@ -29,6 +29,7 @@ from ._allocator import Budget, MatrixSpectrum, Selection
 from ._capture import BlockContext, BlockInputs, capture_block_inputs, run_block
 from ._diagnostics import effective_rank, participation_ratio
 from ._errors import CompressionError
+from ._evaluate import count_parameters
 from ._factorize import ScaledSVD, activation_error, build_factors, scaled_svd_batch
 from ._gradients import GradientPassInfo, gradient_pass, max_gpu_bytes, reset_gpu_peak
 from ._guard import Undo, validate_inputs
@@ -53,11 +54,6 @@ def resolve_device(device: str) -> tuple[torch.device, list[str]]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return torch.device("cpu"), [f"device {device!r} requested but CUDA is not available; ran on cpu"]
     return torch.device(device), []
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _gradient_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:

@@ -15,12 +15,7 @@ from tiny_models import build, calibration
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def problem(m=12, n=9, seed=0, dead_rows=()):

@@ -17,14 +17,7 @@ from lowrank_builtin.sensitivity import Sensitivity, cut_allocation, sensitivity
 from tiny_models import build, calibration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded_torch():
-    """Tiny models and matrices: one intra-op thread is faster, and immune to busy-waiting on a
-    loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 FAST = {"candidates": (0.2, 0.5, 0.8), "windows": 2, "progress": False}
 

@@ -14,14 +14,7 @@ from lowrank_builtin.sigmascale import SigmaScale, TruncEigh, TruncSVD, reconstr
 from tiny_models import build, calibration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded_torch():
-    """Tiny models and matrices: one intra-op thread is faster, and immune to busy-waiting on a
-    loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 
