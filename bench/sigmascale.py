@@ -239,7 +239,6 @@ def find_baselines(args) -> list[dict]:
 def speed(args) -> dict:
     import torch
 
-    import lowrank
     from lowrank import LayerStats
     from lowrank._model import weight_of
     from lowrank._models import load_model

@@ -32,7 +32,7 @@ _EXPORTS = {
     "LowRankLinear": "_layers",
     "Recipe": "_recipe",
     "CompressionReport": "_report", "MatrixReport": "_report",
-    "compress": "_pipeline", "count_parameters": "_pipeline", "effective_rank": "_diagnostics",
+    "compress": "_pipeline", "count_parameters": "_evaluate", "effective_rank": "_diagnostics",
     "participation_ratio": "_diagnostics",
     "get_registry": "_registry", "reset_registry": "_registry",
     "save": "_io", "load": "_io",
@@ -69,7 +69,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._io import load, save
     from ._layers import LowRankLinear
     from ._diagnostics import effective_rank, participation_ratio
-    from ._pipeline import compress, count_parameters
+    from ._evaluate import count_parameters
+    from ._pipeline import compress
     from ._recipe import Recipe
     from ._registry import get_registry, reset_registry
     from ._report import CompressionReport, MatrixReport

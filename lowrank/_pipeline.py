@@ -40,7 +40,7 @@ from ._report import CompressionReport, MatrixReport
 from ._scaling import LayerStats
 from ._stats import StatsCollector
 
-__all__ = ["compress", "resolve_device", "count_parameters", "effective_rank"]
+__all__ = ["compress", "resolve_device"]
 
 _SPECTRUM_FIELDS = ("effective_rank_before", "effective_rank_after", "participation_ratio_before",
                     "participation_ratio_after")

@@ -104,7 +104,3 @@ class StatsCollector:
             acc.stats = LayerStats(0.5 * (gram + gram.T), acc.n_tokens, abs_mean, extras)
             acc.gram = acc.gram.new_empty(0)  # the float64 copy is the one kept
         return acc.stats
-
-    def shares_input(self, name: str) -> str | None:
-        """The layer whose accumulator ``name`` shares, if any."""
-        return self._alias.get(name)

@@ -21,7 +21,7 @@ __all__ = ["eval_command"]
 def eval_command(model: str, data: str, seqlen: int, windows: int | None, batch_size: int, device: str, as_json: bool) -> None:
     """Perplexity of MODEL (bundled name, hub id, or a directory, compressed or not)."""
     from .._evaluate import perplexity
-    from .._pipeline import count_parameters
+    from .._evaluate import count_parameters
     from .._windows import load_windows
     from ._common import open_model
 
