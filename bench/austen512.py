@@ -103,7 +103,7 @@ def windows(model_name: str, tokenizer, protocol: dict):
     """Token windows of the protocol, cached under bench/work/ (tokenizing a novel takes seconds)."""
     import torch
 
-    from lowrank._windows import load_windows
+    from lowrank.data import load_windows
 
     WORK.mkdir(exist_ok=True)
     calib_seqlen = protocol.get("calib_seqlen", protocol["seqlen"])
@@ -124,7 +124,7 @@ def gradient_windows(model_name: str, tokenizer, protocol: dict):
     """The gradient windows of the protocol (from the calibration text, same seed), cached."""
     import torch
 
-    from lowrank._windows import load_windows
+    from lowrank.data import load_windows
 
     n, length = protocol.get("grad_windows", 0), protocol.get("grad_seqlen", 0)
     if not n or not length:
@@ -143,9 +143,9 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
     import torch
 
     import lowrank
-    from lowrank._evaluate import perplexity
-    from lowrank._models import load_model
-    from lowrank._pipeline import resolve_device
+    from lowrank.data import perplexity
+    from lowrank.data import load_model
+    from lowrank import resolve_device
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=torch.float32)
@@ -169,9 +169,7 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
                    compress_rss_start_mb=rss.start / 2**20, compress_rss_peak_mb=rss.peak / 2**20,
                    ranks=[[m.name, m.block, m.rank, list(m.shape)] for m in report.matrices])
         if dev.type == "cuda":
-            from lowrank._gradients import max_gpu_bytes
-
-            row["compress_gpu_peak_mb"] = max_gpu_bytes(dev) / 2**20
+            row["compress_gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     model.to(dev)
     result = perplexity(model, evaluation, batch_size=8, device=dev, progress=False)
     row.update(perplexity=result.perplexity, finite=result.finite, eval_tokens=result.tokens,

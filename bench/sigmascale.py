@@ -166,7 +166,7 @@ def in_process(args, recipe: str, ratio: float) -> dict | None:
 
     import torch
 
-    import lowrank._models as models
+    import lowrank.data.models as models
 
     if "real" not in _LOADED:
         _LOADED["real"] = models.load_model
@@ -196,7 +196,7 @@ def _warm_up(args) -> None:
     """Pay CUDA/cuSOLVER initialisation before the first timed configuration."""
     import torch
 
-    from lowrank._pipeline import resolve_device
+    from lowrank import resolve_device
 
     dev, _ = resolve_device(args.device)
     a = torch.randn(64, 48, device=dev, dtype=torch.float64)
@@ -240,10 +240,10 @@ def speed(args) -> dict:
     import torch
 
     from lowrank import LayerStats
-    from lowrank._model import weight_of
-    from lowrank._models import load_model
-    from lowrank._pipeline import resolve_device
-    from lowrank_builtin.allocators import uniform_rank
+    from lowrank import weight_of
+    from lowrank.data import load_model
+    from lowrank import resolve_device
+    from lowrank import uniform_rank
     from lowrank_builtin.sigmascale import SigmaScale
 
     dev, _ = resolve_device(args.device)
@@ -278,7 +278,7 @@ def speed(args) -> dict:
         x = torch.cat(inputs[name])
         w = weight_of(model.get_submodule(name)).detach().to(dev, torch.float64)
         xd = x.double()
-        stats = LayerStats(xd.T @ xd, x.shape[0], None, {"inputs": x})
+        stats = LayerStats(xd.T @ xd, x.shape[0], None, inputs=x)
         del xd
         rank = uniform_rank(tuple(w.shape), args.speed_ratio)
         for label, cfg in modes.items():

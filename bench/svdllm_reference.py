@@ -69,6 +69,7 @@ def svdllm_whitening(model, calib, ratio: float, device) -> None:
 
 def main() -> None:
     import lowrank
+    import lowrank.data
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
@@ -76,11 +77,11 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=PROTOCOL["calib_windows"])
     p.add_argument("--eval-windows", type=int, default=PROTOCOL["eval_windows"])
     args = p.parse_args()
-    from lowrank._pipeline import resolve_device
+    from lowrank import resolve_device
 
     device, _ = resolve_device(args.device)
     protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows}
-    model, tok = lowrank.load_model("smollm2-135m")
+    model, tok = lowrank.data.load_model("smollm2-135m")
     calib, evaluation = windows("smollm2-135m", tok, protocol)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
@@ -94,13 +95,13 @@ def main() -> None:
                 svdllm_whitening(model, calib, ratio, device)
                 test = model
             else:
-                test, _ = lowrank.load_model("smollm2-135m")
+                test, _ = lowrank.data.load_model("smollm2-135m")
                 test.to(device)
                 inputs = label.split()[1]
                 lowrank.compress(test, lowrank.Recipe(scalings=["whitening"], ratio=ratio, inputs=inputs,
                                                       device=str(device)), calib, progress=False)
             seconds = time.perf_counter() - t0
-            ppl = lowrank.perplexity(test, evaluation, batch_size=8, device=device, progress=False).perplexity
+            ppl = lowrank.data.perplexity(test, evaluation, batch_size=8, device=device, progress=False).perplexity
             row[label] = ppl
             row[label + " s"] = seconds
             print(f"ratio {ratio}: {label:<20} ppl {ppl:.3f} ({seconds:.1f}s)", flush=True)

@@ -69,7 +69,7 @@ def test_nan_weights():
 
 
 def test_calibration_shorter_than_one_window():
-    from lowrank._windows import calibration_windows
+    from lowrank.data import calibration_windows
 
     with pytest.raises(ValueError, match="token"):
         calibration_windows(torch.arange(10), n=4, seqlen=32, seed=0)

@@ -24,7 +24,7 @@ def problem(m=12, n=9, seed=0, dead_rows=()):
     x = torch.randn(n, 3 * n, generator=g, dtype=D)
     fisher = torch.rand(m, generator=g, dtype=D) * 10.0 ** torch.linspace(-2, 2, m, dtype=D)
     fisher[list(dead_rows)] = 0.0
-    return w, LayerStats(x @ x.T, 3 * n, extras={"grad_row_sq": fisher})
+    return w, LayerStats(x @ x.T, 3 * n, grad_row_sq=fisher)
 
 
 @pytest.mark.parametrize("dead_rows", [(), (0, 5)])
@@ -42,7 +42,7 @@ def test_round_trip_at_full_rank(dead_rows, stack, shape):
 def test_left_scale_is_the_root_fisher_with_a_floor():
     w, stats = problem(dead_rows=(3,))
     t = FWSVD(floor=1e-2).fit(w, stats)
-    root = stats.extras["grad_row_sq"].sqrt()
+    root = stats.grad_row_sq.sqrt()
     expected = root.clamp_min(1e-2 * float(root.max()))
     torch.testing.assert_close(t.left.d, expected)
     assert t.right is None
@@ -51,7 +51,7 @@ def test_left_scale_is_the_root_fisher_with_a_floor():
 def test_truncation_minimises_the_fisher_weighted_error():
     """The rank-k FWSVD truncation is optimal in ||diag(sqrt(I)) (W - W')||_F: no worse than plain SVD."""
     w, stats = problem(m=20, n=14, seed=2)
-    d = stats.extras["grad_row_sq"].sqrt()
+    d = stats.grad_row_sq.sqrt()
     for k in (1, 4, 9):
         a, b = build_factors(scaled_svd(w, stats, [FWSVD(floor=1e-9)]), Selection.prefix(k))
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -62,7 +62,7 @@ def test_truncation_minimises_the_fisher_weighted_error():
 
 def test_zero_fisher_everywhere_is_the_identity():
     w, stats = problem()
-    stats.extras["grad_row_sq"] = torch.zeros(w.shape[0], dtype=D)
+    stats.grad_row_sq = torch.zeros(w.shape[0], dtype=D)
     t = FWSVD().fit(w, stats)
     assert t.left is None and t.right is None and t.notes
 

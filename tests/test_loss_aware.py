@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import lowrank
 from lowrank import Budget, LayerStats, MatrixSpectrum, Selection, build_factors, scaled_svd, stored_params
-from lowrank._allocator import floor_tolerant
+from lowrank import floor_tolerant
 from lowrank_builtin import Whitening
-from lowrank_builtin.allocators import uniform_rank
+from lowrank import uniform_rank
 from lowrank_builtin.loss_aware import LossAware, group_ranks, matrix_type, truncation_losses
 
 from tiny_models import build, calibration

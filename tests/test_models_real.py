@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank._evaluate import count_parameters, perplexity
-from lowrank._models import BUNDLED_MODELS, load_model, resolve_model
-from lowrank._windows import load_windows, needs_bos
+from lowrank import count_parameters
+from lowrank.data import perplexity
+from lowrank.data import BUNDLED_MODELS, load_model, resolve_model
+from lowrank.data import load_windows, needs_bos
 
 # The hub is unreachable in CI; fail fast instead of waiting on timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

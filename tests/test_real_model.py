@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lowrank
+import lowrank.data
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,14 @@ TARGETS = ["re:^model\\.layers\\.[0-9]\\."]
 
 @pytest.fixture(scope="module")
 def testbed():
-    model, tok = lowrank.load_model("smollm2-135m")
-    calib = lowrank.load_windows(tok, "austen:emma", "calibration", 8, 256, seed=3)
-    evaluation = lowrank.load_windows(tok, "austen:prideprejudice", "evaluation", 4, 256)
+    model, tok = lowrank.data.load_model("smollm2-135m")
+    calib = lowrank.data.load_windows(tok, "austen:emma", "calibration", 8, 256, seed=3)
+    evaluation = lowrank.data.load_windows(tok, "austen:prideprejudice", "evaluation", 4, 256)
     return tok, calib, evaluation, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _fresh(state):
-    model, _ = lowrank.load_model("smollm2-135m")
+    model, _ = lowrank.data.load_model("smollm2-135m")
     model.load_state_dict(state)
     return model
 
@@ -57,12 +58,12 @@ def whitened(testbed, tmp_path_factory):
 
 def test_whitening_far_below_plain_svd(testbed, whitened):
     tok, calib, evaluation, state = testbed
-    dense = lowrank.perplexity(_fresh(state), evaluation, progress=False).perplexity
+    dense = lowrank.data.perplexity(_fresh(state), evaluation, progress=False).perplexity
     model, report, _ = whitened
-    w = lowrank.perplexity(model, evaluation, progress=False)
+    w = lowrank.data.perplexity(model, evaluation, progress=False)
     plain = _fresh(state)
     lowrank.compress(plain, lowrank.Recipe(scalings=["identity"], ratio=0.2, targets=TARGETS), calib, progress=False)
-    p = lowrank.perplexity(plain, evaluation, progress=False)
+    p = lowrank.data.perplexity(plain, evaluation, progress=False)
     assert w.finite and dense < w.perplexity < 3 * dense
     assert p.perplexity > 100 * w.perplexity
     assert report.ratio_achieved == pytest.approx(0.2, abs=0.005)

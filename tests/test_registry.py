@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import lowrank
 from lowrank import RegistryError
-from lowrank._registry import new_manager, reset_registry
+from lowrank import new_manager, reset_registry
 from lowrank.cli import main
 
 

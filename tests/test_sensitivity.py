@@ -77,13 +77,13 @@ def test_prepare_restores_the_model_and_caches(cache):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = lowrank.Recipe(scalings=["identity"], allocator={"sensitivity": FAST}, ratio=0.3)
     calib = calibration(4, 16)
-    from lowrank._model import find_targets
-    from lowrank._refine import ModelContext
+    from lowrank import find_targets
+    from lowrank._engine.contexts import EngineModelContext as ModelContext
 
     targets = find_targets(model, ["re:layers\\.0\\."], [])
     context = ModelContext(model, targets, calib, calib, torch.device("cpu"))
-    alloc = recipe.allocator
-    alloc.prepare(context)
+    alloc = recipe.allocator.prepare(context)
+    assert recipe.allocator.table == {} and alloc is not recipe.allocator  # the recipe keeps its config only
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit for bit
     assert set(alloc.table) == {t.name for t in targets}
     assert all(set(row) == {0.2, 0.5, 0.8} for row in alloc.table.values())
@@ -92,7 +92,7 @@ def test_prepare_restores_the_model_and_caches(cache):
     again = Sensitivity(**FAST)
     again._measure = lambda *a: (_ for _ in ()).throw(AssertionError("measured again"))  # type: ignore[method-assign]
     context2 = ModelContext(model, targets, calib, calib, torch.device("cpu"))
-    again.prepare(context2)
+    again = again.prepare(context2)
     assert again.table == alloc.table and any("cache" in n for n in context2.notes)
     # other calibration windows: another fingerprint
     other = Sensitivity(**FAST)

@@ -73,7 +73,7 @@ def test_degenerate_boundary_stays_finite(method):
 def _stats(n: int, tokens: int, seed: int) -> LayerStats:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, n, generator=g, dtype=F64) * torch.logspace(0, 1.5, n, dtype=F64)
-    return LayerStats(x.T @ x, tokens, x.abs().mean(0), {"inputs": x.float()})
+    return LayerStats(x.T @ x, tokens, x.abs().mean(0), inputs=x.float())
 
 
 def test_learning_lowers_the_loss_and_reports_it():
@@ -217,7 +217,7 @@ def test_inspect_shows_the_report_diagnostics(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import lowrank.cli._common as common
-    from lowrank._inspect import inspect_model
+    from lowrank import inspect_model
     from lowrank.cli import main
 
     model = build("llama")

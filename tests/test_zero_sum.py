@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import lowrank
 from lowrank import LayerStats, MatrixSpectrum, Selection, breakeven_rank, build_factors, scaled_svd, stored_params
-from lowrank._factorize import scaled_gradient
-from lowrank._model import find_targets, weight_of
-from lowrank._refine import RefineContext
+from lowrank import scaled_gradient
+from lowrank import find_targets, weight_of
+from lowrank._engine.contexts import EngineRefineContext as RefineContext
 from lowrank_builtin import Identity, Whitening
 from lowrank_builtin.fwsvd import FWSVD
 from lowrank_builtin.zero_sum import ZeroSum, predicted_changes, project_onto_gradients
@@ -29,7 +29,7 @@ def problem(m=12, n=9, t=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=g, dtype=D)
     x = torch.randn(n, t, generator=g, dtype=D) * torch.linspace(0.2, 3.0, n, dtype=D)[:, None]
-    stats = LayerStats(x @ x.T, t, extras={"grad_row_sq": torch.rand(m, generator=g, dtype=D) + 0.1})
+    stats = LayerStats(x @ x.T, t, grad_row_sq=torch.rand(m, generator=g, dtype=D) + 0.1)
     grad = torch.randn(m, n, generator=g, dtype=D)
     return w, stats, grad
 

@@ -13,16 +13,14 @@ def open_model(name: str, device: str = "auto") -> tuple[Any, Any, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from .._pipeline import resolve_device
+    import lowrank
+    from lowrank.data import load_model
 
-    dev, _ = resolve_device(device)
+    dev, _ = lowrank.resolve_device(device)
     if Path(name).is_dir():
-        from .._io import load
-
-        model = load(name, device="cpu")
+        model = lowrank.load(name, device="cpu")
         tokenizer = AutoTokenizer.from_pretrained(name)
     else:
-        from .._models import load_model
 
         model, tokenizer = load_model(name, dtype=torch.float32)
     return model.to(dev).eval(), tokenizer, dev

@@ -49,8 +49,7 @@ def compress_command(model: str, out: str | None, recipe_file: str | None, scali
     """Compress MODEL (a local directory, a bundled name or a hub id; default smollm2-135m)."""
     import dataclasses
 
-    from .._errors import LowrankError
-    from .._recipe import Recipe
+    from lowrank import LowrankError, Recipe, check_output_directory
 
     try:
         base = Recipe.load(recipe_file) if recipe_file else Recipe()
@@ -59,8 +58,6 @@ def compress_command(model: str, out: str | None, recipe_file: str | None, scali
             "ratio": ratio, "device": device}.items() if v is not None}
         recipe = dataclasses.replace(base, **overrides) if overrides else base
         out_dir = Path(out) if out else _default_out(model, recipe.ratio)
-        from .._exporter import check_output_directory
-
         check_output_directory(out_dir)  # fail before the slow part, not after it
         result = _run(model, recipe, out_dir, calib, calib_windows, seqlen, eval_source, eval_windows, batch_size)
     except (LowrankError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -73,11 +70,8 @@ def _run(model_name: str, recipe, out_dir: Path, calib: str, calib_windows: int,
          eval_source: str, eval_windows: int, batch_size: int) -> dict:
     import torch
 
-    from .._evaluate import perplexity
-    from .._io import save
-    from .._models import load_model
-    from .._pipeline import compress, resolve_device
-    from .._windows import load_windows
+    from lowrank import compress, resolve_device, save
+    from lowrank.data import load_model, load_windows, perplexity
 
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731  (results on stderr; --json on stdout)
     echo(recipe.summary())

@@ -20,9 +20,8 @@ __all__ = ["eval_command"]
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(model: str, data: str, seqlen: int, windows: int | None, batch_size: int, device: str, as_json: bool) -> None:
     """Perplexity of MODEL (bundled name, hub id, or a directory, compressed or not)."""
-    from .._evaluate import perplexity
-    from .._evaluate import count_parameters
-    from .._windows import load_windows
+    from lowrank import count_parameters
+    from lowrank.data import load_windows, perplexity
     from ._common import open_model
 
     start = time.perf_counter()

@@ -16,8 +16,7 @@ def recipe_group() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Exit 0 and print a summary if FILE is a valid recipe; otherwise print the error, exit 2."""
-    from .._errors import LowrankError
-    from .._recipe import Recipe
+    from lowrank import LowrankError, Recipe
 
     try:
         recipe = Recipe.load(file)
@@ -30,8 +29,7 @@ def validate(file: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def show(file: str) -> None:
     """Print FILE normalized, with every default filled in."""
-    from .._errors import LowrankError
-    from .._recipe import Recipe
+    from lowrank import LowrankError, Recipe
 
     try:
         click.echo(Recipe.load(file).to_yaml(), nl=False)

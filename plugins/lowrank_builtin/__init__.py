@@ -11,12 +11,13 @@ import importlib
 import lowrank
 
 from .allocators import Energy, Uniform
-from .exporters import DenseExporter, HFExporter
 from .scalings import ASVD, Identity, Whitening
 
-__all__ = ["Identity", "ASVD", "Whitening", "Uniform", "Energy", "HFExporter", "DenseExporter", "MODULES"]
+__all__ = ["Identity", "ASVD", "Whitening", "Uniform", "Energy", "MODULES", "DEFAULTS"]
 
-MODULES = ("scalings", "allocators", "exporters", "sigmascale", "sensitivity", "zero_sum", "loss_aware", "fwsvd")
+MODULES = ("scalings", "allocators", "sigmascale", "sensitivity", "zero_sum", "loss_aware", "fwsvd")
+#: The strategies a recipe uses when it names none of their kind (SVD-LLM's truncation).
+DEFAULTS = (Whitening, Uniform)
 
 
 def _strategies(base: type) -> list[type]:
@@ -30,16 +31,10 @@ def _strategies(base: type) -> list[type]:
 @lowrank.hookimpl
 def lowrank_register_scalings(register):
     for cls in _strategies(lowrank.Scaling):
-        register(cls)
+        register(cls, default=cls in DEFAULTS)
 
 
 @lowrank.hookimpl
 def lowrank_register_allocators(register):
     for cls in _strategies(lowrank.Allocator):
-        register(cls)
-
-
-@lowrank.hookimpl
-def lowrank_register_exporters(register):
-    for cls in _strategies(lowrank.Exporter):
-        register(cls)
+        register(cls, default=cls in DEFAULTS)

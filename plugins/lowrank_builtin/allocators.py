@@ -8,16 +8,9 @@ import torch
 from pydantic import Field
 
 import lowrank
-from lowrank._allocator import floor_tolerant
-from lowrank import Budget, MatrixSpectrum, Selection, stored_params
+from lowrank import Budget, MatrixSpectrum, Selection, stored_params, uniform_rank
 
-__all__ = ["Uniform", "Energy", "EnergyConfig", "uniform_rank"]
-
-
-def uniform_rank(shape: tuple[int, int], ratio: float) -> int:
-    """k = floor(m n (1 - r) / (m + n)): removes the fraction r of the matrix's parameters."""
-    m, n = shape
-    return min(floor_tolerant(m * n * (1.0 - ratio) / (m + n)), min(m, n))
+__all__ = ["Uniform", "Energy", "EnergyConfig"]
 
 
 class Uniform(lowrank.Allocator):
@@ -26,7 +19,7 @@ class Uniform(lowrank.Allocator):
     name = "uniform"
     scope = "matrix"
 
-    def rank_hint(self, shape, ratio):
+    def rank_hint(self, shape: tuple[int, int], ratio: float) -> int:
         return uniform_rank(shape, ratio)
 
     def allocate(self, spectra: Sequence[MatrixSpectrum], budget: Budget) -> list[Selection]:

@@ -36,10 +36,10 @@ class FWSVD(lowrank.Scaling):
     requires = frozenset({"grad_row_sq"})
 
     def fit(self, weight, stats: LayerStats, rank=None):
-        fisher = stats.extras.get("grad_row_sq")
+        fisher = stats.grad_row_sq
         if fisher is None:
             raise lowrank.RecipeError("fwsvd needs the per-row squared calibration-loss gradients "
-                                      "(stats.extras['grad_row_sq']); the pipeline collects them")
+                                      "(stats.grad_row_sq); the pipeline collects them")
         fisher = fisher.to(weight.device, torch.float64).reshape(-1)
         if fisher.numel() != weight.shape[0]:
             raise lowrank.CompressionError(f"fwsvd: {fisher.numel()} row Fisher values for a weight with "

@@ -25,6 +25,7 @@ Scope global (it needs every spectrum), no gradients.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import OrderedDict
@@ -33,8 +34,7 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 import lowrank
-from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, stored_params
-from lowrank._allocator import floor_tolerant
+from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, floor_tolerant, stored_params, uniform_rank
 
 __all__ = ["LossAware", "LossAwareConfig", "matrix_type", "truncation_losses", "group_ranks", "STRATEGIES"]
 
@@ -63,16 +63,11 @@ def matrix_type(name: str, block: int | None = None) -> str:
     return m.group(2) if m else name
 
 
-def _uniform_rank(shape: tuple[int, int], ratio: float) -> int:
-    m, n = shape
-    return min(floor_tolerant(m * n * (1.0 - ratio) / (m + n)), min(m, n))
-
-
 def truncation_losses(spectra: Sequence[MatrixSpectrum], ratio: float, tokens: int = 1) -> list[float]:
     """sqrt(tokens x sum of the squared singular values dropped at the uniform rank of ``ratio``)."""
     out = []
     for s in spectra:
-        k = _uniform_rank(s.shape, ratio)
+        k = uniform_rank(s.shape, ratio)
         sv = s.singular_values.detach().double().cpu()
         out.append(math.sqrt(max(tokens, 1) * float(sv[k:].pow(2).sum())))
     return out
@@ -80,7 +75,7 @@ def truncation_losses(spectra: Sequence[MatrixSpectrum], ratio: float, tokens: i
 
 def _rank_for(shape: tuple[int, int], r: float) -> int:
     """The rank removing the fraction r of a matrix's parameters (rank 0 at r = 1)."""
-    return max(_uniform_rank(shape, min(max(r, 0.0), 1.0)), 0)
+    return max(uniform_rank(shape, min(max(r, 0.0), 1.0)), 0)
 
 
 def group_ranks(shapes: Sequence[tuple[int, int]], weights: Sequence[float], ratio: float,
@@ -144,18 +139,18 @@ class LossAware(lowrank.Allocator):
     scope = "global"
     Config = LossAwareConfig
 
-    def __init__(self, config=None, /, **kwargs) -> None:
-        super().__init__(config, **kwargs)
-        self._tokens = 1
+    #: calibration tokens of the run (the ``total`` loss scale); set on the copy ``prepare`` returns
+    tokens: int = 1
 
-    def prepare(self, context) -> None:
-        calib = context.calibration
-        self._tokens = int(calib.numel())
+    def prepare(self, context: lowrank.ModelContext) -> "LossAware":
+        prepared = copy.copy(self)
+        prepared.tokens = int(context.calibration.numel())
+        return prepared
 
     def weights(self, spectra: Sequence[MatrixSpectrum], ratio: float) -> list[float]:
         """Per-matrix weights 1 / max(ln L_i, min_log), L_i as ``loss_scale`` says."""
         cfg = self.config
-        losses = truncation_losses(spectra, ratio, self._tokens if cfg.loss_scale == "total" else 1)
+        losses = truncation_losses(spectra, ratio, self.tokens if cfg.loss_scale == "total" else 1)
         if cfg.loss_scale == "relative":
             groups: dict[str, list[int]] = {}
             for i, s in enumerate(spectra):

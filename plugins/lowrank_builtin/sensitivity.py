@@ -14,6 +14,7 @@ whose stored parameters fit the budget (ASVD's search, made to never exceed the 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -25,8 +26,7 @@ import torch
 from pydantic import Field
 
 import lowrank
-from lowrank import Budget, MatrixSpectrum, Selection, stored_params
-from lowrank._allocator import floor_tolerant
+from lowrank import Budget, MatrixSpectrum, Selection, stored_params, uniform_rank
 
 __all__ = ["Sensitivity", "SensitivityConfig", "sensitivity_rank", "cut_allocation"]
 
@@ -35,8 +35,7 @@ CACHE_VERSION = 1
 
 def sensitivity_rank(shape: tuple[int, int], kept: float) -> int:
     """k = floor(m n p / (m + n)): the factors hold about the fraction p of the matrix's parameters."""
-    m, n = shape
-    return min(floor_tolerant(m * n * kept / (m + n)), min(m, n))
+    return uniform_rank(shape, 1.0 - kept)
 
 
 @lowrank.strategy_config
@@ -76,9 +75,7 @@ def _fingerprint(context, windows: torch.Tensor, cfg: SensitivityConfig) -> str:
 
 
 def _cache_path(key: str):
-    from lowrank._austen import cache_dir
-
-    return cache_dir() / "sensitivity" / f"{key}.json"
+    return lowrank.cache_dir() / "sensitivity" / f"{key}.json"
 
 
 def cut_allocation(entries: Sequence[tuple[str, float, float]], shapes: dict[str, tuple[int, int]],
@@ -119,10 +116,9 @@ class Sensitivity(lowrank.Allocator):
     Config = SensitivityConfig
     scope = "global"
 
-    def __init__(self, config=None, /, **kwargs) -> None:
-        super().__init__(config, **kwargs)
-        self.table: dict[str, dict[float, float]] = {}
-        self.base_perplexity: float | None = None
+    #: per matrix, kept fraction -> perplexity; filled on the copy ``prepare`` returns
+    table: dict[str, dict[float, float]] = {}
+    base_perplexity: float | None = None
 
     # -- measuring ------------------------------------------------------------------------------
 
@@ -136,7 +132,12 @@ class Sensitivity(lowrank.Allocator):
             w = w[:, : cfg.tokens]
         return w
 
-    def prepare(self, context) -> None:
+    def prepare(self, context: lowrank.ModelContext) -> "Sensitivity":
+        prepared = copy.copy(self)
+        prepared._fill(context)
+        return prepared
+
+    def _fill(self, context: lowrank.ModelContext) -> None:
         cfg = self.config
         windows = self._windows(context.calibration)
         key = _fingerprint(context, windows, cfg)
@@ -177,13 +178,15 @@ class Sensitivity(lowrank.Allocator):
     def _measure(self, context, windows: torch.Tensor) -> tuple[dict[str, dict[float, float]], float]:
         from tqdm.auto import tqdm
 
-        from lowrank._evaluate import perplexity
-
         cfg = self.config
 
         def ppl() -> float:
-            r = perplexity(context.model, windows, batch_size=cfg.batch_size, device=context.device, progress=False)
-            return r.perplexity if r.finite else math.inf
+            nll = context.loss(windows, batch_size=cfg.batch_size)
+            try:
+                value = math.exp(nll)
+            except OverflowError:
+                return math.inf
+            return value if math.isfinite(value) else math.inf
 
         base = ppl()
         table: dict[str, dict[float, float]] = {}

@@ -37,8 +37,8 @@ import torch
 from pydantic import Field
 
 import lowrank
-from lowrank import Diagonal, LayerStats, Transform
-from lowrank._diagnostics import effective_rank_tensor, participation_ratio_tensor, spectrum_diagnostics
+from lowrank import Diagonal, LayerStats, SpectrumChange, Transform
+from lowrank import effective_rank_tensor, participation_ratio_tensor, spectrum_diagnostics
 
 __all__ = ["SigmaScale", "SigmaScaleConfig", "TruncSVD", "TruncEigh", "truncate", "reconstruct"]
 
@@ -321,7 +321,17 @@ class SigmaScale(lowrank.Scaling):
                    diagnostics: dict[str, float]) -> Transform:
         left = Diagonal(d_r.double().exp()) if bool((d_r != 0).any()) else None
         right = Diagonal(d_c.double().exp()) if bool((d_c != 0).any()) else None
-        return Transform(left=left, right=right, notes=[*item.notes, *notes], diagnostics=diagnostics)
+        return Transform(left=left, right=right, notes=[*item.notes, *notes], diagnostics=diagnostics,
+                         spectrum_change=_spectrum_change(diagnostics))
+
+
+def _spectrum_change(diagnostics: dict[str, float]) -> SpectrumChange | None:
+    """The report's before/after spectrum measures, from this module's diagnostics (None when the
+    matrix was not learned, e.g. without a rank)."""
+    if "effective_rank_before" not in diagnostics:
+        return None
+    return SpectrumChange(diagnostics["effective_rank_before"], diagnostics["effective_rank_after"],
+                          diagnostics["participation_ratio_before"], diagnostics["participation_ratio_after"])
 
 
 def _seed(seed: int, m: int, n: int) -> int:
@@ -379,10 +389,10 @@ class _Learner:
         w = wp
         for t in reversed(it.stats.prior):  # back to the layer's own coordinates
             w = t.undo(w.to(torch.float64))
-        ctx = it.stats.extras["block"]
+        ctx = it.stats.block
         module = ctx.block.get_submodule(ctx.local)
         w = w.to(module.weight.dtype)
-        return {f"{ctx.local}.weight": w.T if type(module).__name__ == "Conv1D" else w}
+        return {f"{ctx.local}.weight": lowrank.as_out_in(module, w)}
 
     def _block_run(self, ctx, params: dict[str, torch.Tensor]) -> torch.Tensor:
         full = {**self._frozen, **params}
@@ -397,14 +407,14 @@ class _Learner:
         """Raw loss per item (joint block objective: the same block loss repeated)."""
         if self.cfg.objective == "layer":
             return torch.stack([self._layer_loss(j, w) for j, w in enumerate(wp)])
-        ctx = self.items[0].stats.extras["block"]
+        ctx = self.items[0].stats.block
         if self.joint:
             params: dict[str, torch.Tensor] = {}
             for j, w in enumerate(wp):
                 params.update(self._block_params(j, w))
             loss = self._block_run(ctx, params)
             return loss.expand(len(wp))
-        return torch.stack([self._block_run(self.items[j].stats.extras["block"], self._block_params(j, w))
+        return torch.stack([self._block_run(self.items[j].stats.block, self._block_params(j, w))
                             for j, w in enumerate(wp)])
 
     # -- setup ----------------------------------------------------------------------------------
@@ -420,13 +430,13 @@ class _Learner:
             else:
                 xs = []
                 for it in self.items:
-                    x = it.stats.extras.get("inputs")
+                    x = it.stats.inputs
                     if x is None:
                         raise lowrank.CompressionError("sigmascale loss: activations needs the layer inputs")
                     xs.append(x)
                 self._inputs = {dt: [x.to(self.device, dt) for x in xs] for dt in dtypes}
         else:
-            ctx = self.items[0].stats.extras.get("block")
+            ctx = self.items[0].stats.block
             if ctx is None:
                 raise lowrank.CompressionError("sigmascale objective: block needs the block context")
             count = len(ctx.inputs.hidden)
@@ -492,7 +502,7 @@ class _Learner:
                 out.append(SigmaScale._transform(it, learned_r[j], learned_c[j], notes, diag))
             else:
                 out.append(Transform(notes=[*it.notes, *notes, "learning did not beat the identity; identity kept"],
-                                     diagnostics=diag))
+                                     diagnostics=diag, spectrum_change=_spectrum_change(diag)))
         return out
 
     def _objective(self, params: list[torch.Tensor], d_r: list[torch.Tensor], d_c: list[torch.Tensor],

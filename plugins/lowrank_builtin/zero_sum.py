@@ -31,8 +31,7 @@ from pydantic import Field
 
 import lowrank
 from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, stored_params
-from lowrank._factorize import build_factors
-from lowrank._pipeline import max_positions
+from lowrank import build_factors, max_positions
 
 __all__ = ["ZeroSum", "ZeroSumConfig", "zero_sum_ranks", "component_floor", "predicted_changes",
            "project_onto_gradients", "STRATEGIES"]
@@ -237,7 +236,7 @@ class ZeroSum(lowrank.Allocator):
         modules = {name: context.module(name) for name in compressed}
 
         def out_in(name: str, w: torch.Tensor) -> torch.Tensor:
-            return w.T if type(modules[name]).__name__ == "Conv1D" else w
+            return lowrank.as_out_in(modules[name], w)
 
         if windows.shape[0] == 1 and self.config.lean:
             # One gradient: the projection is (<g, Delta> / (<g, g> + eps)) g, applied inside the hook.

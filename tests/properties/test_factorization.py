@@ -349,18 +349,21 @@ def test_operators_agree_with_their_matrices(data, n):
 @given(data=st.data(), n=st.integers(1, 30))
 def test_layer_stats_transformed_is_the_statistics_of_the_transformed_inputs(data, n):
     """x' = R^-1 x, so gram' = R^-1 G R^-T = (R^-1 X)(R^-1 X)^T and abs_mean' = mean |R^-1 x|
-    (kept only for a diagonal R); n_tokens and extras carry over; a left-only transform changes nothing."""
+    (kept only for a diagonal R); n_tokens and the row statistics carry over, the raw inputs become
+    R^-1 x; a left-only transform changes nothing."""
     op = data.draw(operators(n))
     calib = data.draw(calibrations(n, kinds=(FULL,) + RANK_DEFICIENT if n > 1 else (FULL, ZERO)))
     stats = calib.stats()
-    stats.extras["marker"] = torch.ones(1, dtype=DTYPE)
+    stats.grad_row_sq = torch.ones(1, dtype=DTYPE)
+    stats.inputs = calib.x.T.clone()
     out = stats.transformed(Transform(right=op))
     inv = torch.linalg.inv(op.matrix())
     xp = inv @ calib.x
     expected = xp @ xp.T
     scale = TOL * U * n * cond(op.matrix()) * spec(inv) ** 2 * max(fro(stats.gram), 1e-300)
     assert out.n_tokens == stats.n_tokens
-    assert set(out.extras) == {"marker"}
+    assert out.grad_row_sq is stats.grad_row_sq
+    assert torch.allclose(out.inputs, xp.T, rtol=0, atol=scale ** 0.5 + TOL * U * fro(xp) * cond(op.matrix()))
     assert torch.allclose(out.gram, out.gram.T, rtol=0, atol=scale)
     assert torch.allclose(out.gram, inv @ stats.gram @ inv.T, rtol=0, atol=scale), (
         fro(out.gram - inv @ stats.gram @ inv.T), scale)

@@ -1,0 +1,159 @@
+"""One decoder block: collect its inputs' statistics, take the scaled SVDs, swap in the factors.
+
+The compression pass and the global planner's profiling pass both walk the blocks with this
+class; it holds no state of its own beyond the run's :class:`~lowrank._engine.setup.RunSetup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._contract.allocator import Allocator
+from .._contract.blocks import BlockContext, BlockInputs, run_block
+from .._contract.diagnostics import effective_rank, participation_ratio
+from .._contract.errors import CompressionError
+from .._contract.factors import ScaledSVD, activation_error, build_factors
+from .._contract.layers import factored_like
+from .._contract.model import Target, weight_of
+from .._contract.report import MatrixReport
+from .._contract.spectrum import Budget, MatrixSpectrum, Selection
+from .._contract.stats import LayerStats
+from .device import STORAGE_DTYPES
+from .factorize import scaled_svd_batch
+from .guard import Undo
+from .setup import RunSetup
+from .stats import StatsCollector
+
+__all__ = ["BlockPass", "CollectedBlock", "MatrixProfile", "checked_allocation"]
+
+
+@dataclass
+class CollectedBlock:
+    """A block's statistics, and its outputs on the calibration batches when they were kept."""
+
+    collector: StatsCollector
+    outputs: list[torch.Tensor] | None
+
+
+@dataclass
+class MatrixProfile:
+    """One targeted matrix after its scaled SVD: everything its allocation and factors need."""
+
+    target: Target
+    svd: ScaledSVD
+    stats: LayerStats
+    weight: torch.Tensor          # out x in, float64, on the compute device
+    spectrum: MatrixSpectrum
+
+
+def checked_allocation(setup: RunSetup, spectra: list[MatrixSpectrum],
+                       allocator: Allocator | None = None) -> dict[str, Selection]:
+    """``allocator`` (default: the recipe's) on ``spectra``, its answer checked: one selection per
+    matrix, components in range."""
+    allocator = allocator if allocator is not None else setup.recipe.allocator
+    budget = Budget(setup.recipe.ratio, sum(s.dense_params for s in spectra))
+    selections = allocator.allocate(spectra, budget)
+    if len(selections) != len(spectra):
+        raise CompressionError(f"allocator {allocator.name!r} returned {len(selections)} selections for "
+                               f"{len(spectra)} matrices")
+    for spec, sel in zip(spectra, selections):
+        if sel.indices is not None and any(not 0 <= i < spec.full_rank for i in sel.indices):
+            raise CompressionError(f"allocator {allocator.name!r} selected components outside "
+                                   f"[0, {spec.full_rank}) for {spec.name}")
+    return {s.name: sel for s, sel in zip(spectra, selections)}
+
+
+class BlockPass:
+    """The steps of one block, shared by the planner's profiling pass and the compression pass."""
+
+    def __init__(self, setup: RunSetup) -> None:
+        self.setup = setup
+
+    def collect(self, block: nn.Module, index: int, inputs: BlockInputs, keep_outputs: bool) -> CollectedBlock:
+        """Run the calibration batches through ``block`` with statistics hooks on its targets."""
+        setup = self.setup
+        collector = StatsCollector(want_abs_mean=setup.needs.abs_mean, want_inputs=setup.needs.inputs)
+        modules = {t.name: block.get_submodule(t.local) for t in setup.targets_of(index)}
+        outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+        collector.seconds = 0.0
+        with setup.timer.phase("forward"), torch.no_grad(), collector.attached(modules):
+            for hidden in inputs.hidden:
+                collector.next_batch()
+                out = run_block(block, hidden, *inputs.args_for(index, hidden))
+                if outputs is not None:
+                    outputs.append(out)
+        setup.timer.add("forward", -collector.seconds)   # the hooks' time is statistics, not forward
+        setup.timer.add("statistics", collector.seconds)
+        return CollectedBlock(collector, outputs)
+
+    def _stats_for(self, target: Target, block: nn.Module, index: int, inputs: BlockInputs,
+                   collected: CollectedBlock) -> LayerStats:
+        stats = collected.collector.stats(target.name)
+        grads = self.setup.gradient_stats.get(target.name)
+        want_block = self.setup.needs.block and collected.outputs is not None
+        if grads is None and not want_block:
+            return stats
+        # a per-matrix view that still shares the input's Gram matrix and cache
+        device = self.setup.device
+        return dataclasses.replace(
+            stats,
+            grad_row_sq=grads.row_sq.to(device, torch.float64) if grads is not None else stats.grad_row_sq,
+            grad_col_sq=grads.col_sq.to(device, torch.float64) if grads is not None else stats.grad_col_sq,
+            block=BlockContext(block, target.local, inputs, index, collected.outputs) if want_block else stats.block,
+        )
+
+    def profile(self, block: nn.Module, index: int, inputs: BlockInputs, collected: CollectedBlock,
+                plan: dict[str, Selection] | None) -> list[MatrixProfile]:
+        """The scaled SVD of every target of the block (ranks from ``plan`` or the allocator's hint)."""
+        setup = self.setup
+        with setup.timer.phase("factorization"):
+            targets = setup.targets_of(index)
+            weights = [weight_of(block.get_submodule(t.local)).detach().to(setup.device, torch.float64)
+                       for t in targets]
+            stats = [self._stats_for(t, block, index, inputs, collected) for t in targets]
+            ranks = [plan[t.name].rank if plan is not None else setup.recipe.allocator.rank_hint(t.shape, setup.recipe.ratio)
+                     for t in targets]
+            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks)
+            return [MatrixProfile(t, svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
+                    for t, svd, st, w in zip(targets, svds, stats, weights)]
+
+    def apply(self, block: nn.Module, profiles: list[MatrixProfile], selections: dict[str, Selection],
+              undo: Undo) -> list[MatrixReport]:
+        """Swap every profiled layer for its factors (or keep it dense); one report per matrix."""
+        reports = []
+        for p in profiles:
+            with self.setup.timer.phase("factorization"):
+                reports.append(self._apply_one(block, p, selections[p.target.name], undo))
+        return reports
+
+    def _apply_one(self, block: nn.Module, p: MatrixProfile, sel: Selection, undo: Undo) -> MatrixReport:
+        t = p.target
+        m, n = t.shape
+        if sel.stays_dense(t.shape):
+            rank, after, s_err, a_err = None, m * n, 0.0, 0.0
+        else:
+            module = block.get_submodule(t.local)
+            a, b = build_factors(p.svd, sel)
+            s_err = p.svd.spectrum_error(sel)
+            a_err = activation_error(p.weight, a @ b, p.stats.covariance)
+            policy = self.setup.recipe.dtype
+            dtype = weight_of(module).dtype if policy == "auto" else STORAGE_DTYPES[policy]
+            undo.swap(f"{self.setup.prefix}.{t.block}.{t.local}", factored_like(module, a, b, dtype))
+            rank, after = sel.rank, sel.params(t.shape)
+        report = MatrixReport(t.name, t.block, t.shape, rank, m * n, after, s_err, a_err,
+                              effective_rank(p.svd.s), list(p.svd.notes), participation_ratio(p.svd.s),
+                              diagnostics=dict(p.svd.diagnostics))
+        change = p.svd.spectrum_change
+        if change is not None:
+            for f in dataclasses.fields(change):
+                setattr(report, f.name, getattr(change, f.name))
+        return report
+
+    def forward(self, block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
+        """The (compressed) block's outputs on its inputs: the next block's sequential inputs."""
+        with self.setup.timer.phase("forward_next"), torch.no_grad():
+            return [run_block(block, h, *inputs.args_for(index, h)) for h in inputs.hidden]

@@ -1,0 +1,66 @@
+"""Where a compression runs, and how long each phase takes there."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+__all__ = ["resolve_device", "synchronize", "PhaseTimer", "STORAGE_DTYPES"]
+
+#: A recipe's ``dtype`` names (``auto`` keeps each layer's dtype).
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+
+
+def resolve_device(device: str) -> tuple[torch.device, list[str]]:
+    """``auto`` picks CUDA when present; an unavailable CUDA falls back to the CPU (said in notes)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu"), [f"device {device!r} requested but CUDA is not available; ran on cpu"]
+    return torch.device(device), []
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock phase times are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PhaseTimer:
+    """Seconds per phase of a compression.
+
+    ``forward`` is one pass of the calibration set through the uncompressed blocks (``statistics``
+    is the time inside the hooks, taken out of it); ``forward_next`` is the extra pass through each
+    compressed block that sequential inputs need; ``planning`` is the profiling and gradient work of
+    global allocators (``gradients`` the gradient passes alone); ``corrections`` the time in
+    corrections after truncation.
+    """
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("capture", "forward", "statistics", "factorization", "forward_next", "planning", "gradients",
+         "corrections"), 0.0))
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the time spent in the ``with`` body (GPU work included) to ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to ``name``."""
+        self.seconds[name] += seconds
+
+    def report(self, total: float) -> dict[str, float]:
+        """The phases that took any time, and the total."""
+        return {k: v for k, v in {**self.seconds, "total": total}.items() if v or k == "total"}

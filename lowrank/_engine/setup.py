@@ -1,0 +1,135 @@
+"""What every pass of one compression shares: the model's blocks and targets, the device, the clock."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .._contract.model import Target, max_positions
+from .._contract.recipe import Recipe
+from .._contract.report import CompressionReport
+from .device import PhaseTimer, resolve_device
+from .discovery import find_blocks, find_targets
+from .guard import validate_inputs
+
+__all__ = ["StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows"]
+
+
+@dataclass(frozen=True)
+class StatisticsNeeds:
+    """Which optional statistics the recipe's scalings ask for (``Scaling.requires``)."""
+
+    abs_mean: bool = False
+    inputs: bool = False
+    block: bool = False
+    gradients: bool = False
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "StatisticsNeeds":
+        """The union of every scaling's ``requires``."""
+        needs = set().union(*(s.requires for s in recipe.scalings))
+        return cls("abs_mean" in needs, "inputs" in needs, "block" in needs,
+                   bool(needs & {"grad_row_sq", "grad_col_sq"}))
+
+
+@dataclass
+class GradientStats:
+    """Squared calibration-loss gradients of one weight, summed over batches per row and column."""
+
+    row_sq: torch.Tensor
+    col_sq: torch.Tensor
+
+
+@dataclass
+class RunSetup:
+    """One compression's fixed facts, found once (the blocks are searched for a single time)."""
+
+    model: nn.Module
+    recipe: Recipe
+    calibration: torch.Tensor
+    batch_size: int
+    progress: bool
+    device: torch.device
+    prefix: str
+    blocks: nn.ModuleList
+    targets: list[Target]
+    needs: StatisticsNeeds
+    timer: PhaseTimer
+    report: CompressionReport
+    gradient_data: torch.Tensor | None = None
+    gradient_stats: dict[str, GradientStats] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,
+               progress: bool, gradient_data: torch.Tensor | None) -> "RunSetup":
+        """Validate the inputs and find the blocks and targets (before anything changes)."""
+        device, notes = resolve_device(recipe.device)
+        prefix, blocks = find_blocks(model)
+        targets = find_targets(model, recipe.targets, recipe.ignore, blocks=(prefix, blocks))
+        validate_inputs(model, calibration)
+        report = CompressionReport(recipe.name, recipe.ratio, device=str(device), notes=notes)
+        return cls(model, recipe, calibration, batch_size, progress, device, prefix, blocks, targets,
+                   StatisticsNeeds.of(recipe), PhaseTimer(device), report, gradient_data)
+
+    def targets_of(self, index: int) -> list[Target]:
+        """The targeted layers of block ``index``, in model order."""
+        return [t for t in self.targets if t.block == index]
+
+    def batches(self) -> list[torch.Tensor]:
+        """The calibration windows cut into batches."""
+        return list(self.calibration.split(self.batch_size))
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every targeted module by full name."""
+        return {t.name: self.model.get_submodule(t.name) for t in self.targets}
+
+    def windows_for_gradients(self, shape: tuple[int, int] | None) -> torch.Tensor:
+        """The windows of a gradient pass: ``gradient_data`` when given, else the calibration
+        windows re-cut to ``shape`` = (windows, tokens) within the model's positions."""
+        if self.gradient_data is not None:
+            return self.gradient_data
+        limit = max_positions(self.model)
+        if shape is not None and limit is not None and shape[1] > limit:  # e.g. GPT-2's 1024 positions
+            shape = (shape[0] * -(-shape[1] // limit), limit)
+        return recut_windows(self.calibration, shape)
+
+    def bar(self, what: str):
+        """A progress bar over the blocks (on stderr; silent without ``progress``)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(range(len(self.blocks)), desc=f"lowrank: {what}", unit="block",
+                    disable=not self.progress, file=sys.stderr, leave=False)
+
+
+def recut_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    """The calibration windows re-cut into ``shape`` = (windows, tokens) sequences (or as they are)."""
+    if shape is None:
+        return calibration
+    n, length = shape
+    flat = calibration.reshape(-1)
+    n = max(1, min(n, flat.numel() // length)) if flat.numel() >= length else 1
+    length = min(length, flat.numel())
+    return flat[: n * length].reshape(n, length)
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` moved to ``device`` for the ``with`` body, then back where it was."""
+    home = next(module.parameters()).device
+    if home != device:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if home != device:
+            module.to(home)
+
+
+def model_on_device(setup: RunSetup):
+    """The whole model on the compute device (for a gradient pass), then back."""
+    return on_device(setup.model, setup.device)

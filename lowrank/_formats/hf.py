@@ -1,0 +1,113 @@
+"""The ``hf`` format: a Hugging Face checkpoint directory with the factors as they are.
+
+Factored layers are stored as ``<module>.A`` / ``<module>.B`` / ``<module>.bias``. ``config.json``
+carries the ``quantization_config`` record of ``hf_record.py``, so :func:`lowrank.load` -- or plain
+``AutoModelForCausalLM.from_pretrained`` once ``lowrank`` is imported -- rebuilds the same modules
+and reproduces the logits bit for bit. The tokenizer, ``recipe.yaml`` and ``lowrank_report.json``
+sit beside the weights; the write is atomic and leaves the model passed in untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .._contract.errors import LowrankError
+from .._contract.exporter import check_output_directory
+from .._version import __version__
+from .checkpoint import CheckpointExporter, empty_model_context, factored_layers, finish_assign, model_class, saved_dtype, torch_dtype
+from .hf_record import FORMAT_VERSION, QUANT_METHOD, check_record, replace_with_lowrank
+from .provenance import attach_provenance, provenance_of
+
+__all__ = ["HFExporter"]
+
+_SAFE_INDEX = "model.safetensors.index.json"
+_SAFE_SINGLE = "model.safetensors"
+
+
+class HFExporter(CheckpointExporter):
+    """Hugging Face directory with factorized weights; reloads with from_pretrained."""
+
+    name = "hf"
+
+    def record(self, model: Any, recipe: Any = None) -> dict[str, Any]:
+        """The ``quantization_config`` written to ``config.json``."""
+        old = getattr(model.config, "quantization_config", None)
+        old = old.to_dict() if hasattr(old, "to_dict") else dict(old or {})
+        layers = factored_layers(model)
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "exporter": self.name,
+            "rank_pattern": {n: int(m.rank) for n, m in layers.items()},
+            # factors deliberately stored in another dtype than the model's (a recipe's ``dtype``):
+            # from_pretrained would otherwise cast them to the model's dtype
+            "dtype_pattern": {n: str(m.A.dtype).removeprefix("torch.") for n, m in layers.items()
+                              if m.A.dtype != model.dtype},
+            "targets": recipe.targets if recipe is not None else old.get("targets"),
+            "ignore": list(recipe.ignore) if recipe is not None else old.get("ignore", []),
+            "recipe_name": recipe.name if recipe is not None else old.get("recipe_name"),
+            "lowrank_version": __version__,
+        }
+
+    def save(self, model: Any, directory: str | os.PathLike[str], *, tokenizer: Any = None,
+             recipe: Any = None, report: Any = None) -> Path:
+        """Write ``model`` with its factors as they are (see the module docstring)."""
+        check_output_directory(directory)
+        recipe, report = provenance_of(model, recipe, report)
+        if not factored_layers(model) and recipe is None and getattr(model.config, "quantization_config", None) is None:
+            raise LowrankError(
+                "hf export: the model has no LowRankLinear layer and no lowrank_recipe, so it was never "
+                "compressed; run lowrank.compress first, or write an ordinary checkpoint with exporter='dense'"
+            )
+        record = self.record(model, recipe)
+
+        def write_weights(tmp: Path) -> None:
+            # save_pretrained writes config.json from model.config (and sets its dtype and
+            # architectures): hand it a copy that carries the record, then put the original back.
+            original = model.config
+            config = copy.deepcopy(original)
+            config.quantization_config = record
+            model.config = config
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                model.config = original
+
+        return self._write(directory, tokenizer, recipe, report, write_weights)
+
+    def load(self, directory: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:
+        """Rebuild the architecture with empty parameters, swap in ``LowRankLinear`` per
+        ``rank_pattern``, assign the safetensors, tie weights. Independent of the quantizer hook."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, GenerationConfig
+
+        path = Path(directory)
+        config = AutoConfig.from_pretrained(path)
+        record = getattr(config, "quantization_config", None) or {}
+        rank_pattern, dtype_pattern = check_record(record.to_dict() if hasattr(record, "to_dict") else record)
+        dtype = torch_dtype(dtype)
+        with empty_model_context(dtype or saved_dtype(config)):
+            model = model_class(config)(config)
+        replace_with_lowrank(model, rank_pattern, dtype_pattern)
+
+        if (path / _SAFE_INDEX).is_file():
+            files = sorted(set(json.loads((path / _SAFE_INDEX).read_text())["weight_map"].values()))
+        else:
+            files = [_SAFE_SINGLE]
+        state: dict[str, Any] = {}
+        for name in files:
+            state.update(load_file(path / name, device=str(device)))
+        if dtype is not None:  # cast what the checkpoint holds in the model's dtype
+            kept = {f"{n}.{p}" for n in dtype_pattern for p in ("A", "B", "bias")}
+            state = {k: v.to(dtype) if v.is_floating_point() and k not in kept else v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        finish_assign(model, missing, unexpected, f"loading {path}")
+        model.to(device)  # the buffers, built on the CPU
+        if model.can_generate() and (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        attach_provenance(model, path)
+        return model.eval()
