@@ -143,9 +143,8 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
     import torch
 
     import lowrank
-    from lowrank.data import perplexity
-    from lowrank.data import load_model
     from lowrank import resolve_device
+    from lowrank.data import load_model, perplexity
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=torch.float32)

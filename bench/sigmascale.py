@@ -239,11 +239,8 @@ def find_baselines(args) -> list[dict]:
 def speed(args) -> dict:
     import torch
 
-    from lowrank import LayerStats
-    from lowrank import weight_of
+    from lowrank import LayerStats, resolve_device, uniform_rank, weight_of
     from lowrank.data import load_model
-    from lowrank import resolve_device
-    from lowrank import uniform_rank
     from lowrank_builtin.sigmascale import SigmaScale
 
     dev, _ = resolve_device(args.device)

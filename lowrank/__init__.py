@@ -29,59 +29,57 @@ from ._contract.hookspecs import hookimpl
 from ._formats.hook import install_transformers_hook
 from ._version import __version__
 
-# name -> module that defines it (relative to this package); each name once
-_EXPORTS = {
-    # errors
-    "LowrankError": "_contract.errors", "RegistryError": "_contract.errors",
-    "RecipeError": "_contract.errors", "CompressionError": "_contract.errors",
-    # users: recipes, compression, checkpoints, reports, inspection, the registry
-    "Recipe": "_contract.recipe",
-    "compress": "_engine.compress", "resolve_device": "_engine.device",
-    "save": "_formats.io", "load": "_formats.io",
-    "LowRankLinear": "_contract.layers",
-    "CompressionReport": "_contract.report", "MatrixReport": "_contract.report",
-    "inspect_model": "_engine.inspect", "plot_inspection": "_engine.inspect", "MatrixInfo": "_engine.inspect",
-    "get_registry": "_contract.registry", "reset_registry": "_contract.registry",
-    "new_manager": "_contract.registry", "Registry": "_contract.registry", "PluginEntry": "_contract.registry",
-    # plugin authors: strategies and their bases
-    "Strategy": "_contract.strategy", "strategy_config": "_contract.strategy",
-    "Scaling": "_contract.scaling", "Allocator": "_contract.allocator", "ComponentScorer": "_contract.allocator",
-    "Correction": "_contract.correction", "BlockCorrectionContext": "_contract.correction",
-    "Exporter": "_contract.exporter", "atomic_directory": "_contract.exporter",
-    "check_output_directory": "_contract.exporter",
-    # plugin authors: what scalings work with
-    "LayerStats": "_contract.stats", "STATISTICS": "_contract.stats",
-    "Operator": "_contract.operators", "Diagonal": "_contract.operators", "Triangular": "_contract.operators",
-    "Dense": "_contract.operators", "Transform": "_contract.operators", "SpectrumChange": "_contract.operators",
-    "BlockContext": "_contract.blocks", "BlockInputs": "_contract.blocks",
-    # plugin authors: what allocators work with
-    "MatrixSpectrum": "_contract.spectrum", "Selection": "_contract.spectrum", "Budget": "_contract.spectrum",
-    "ScaledSVD": "_contract.factors", "build_factors": "_contract.factors",
-    "scaled_gradient": "_contract.factors", "activation_error": "_contract.factors",
-    "scaled_svd": "_engine.factorize",
-    "ModelContext": "_contract.context", "RefineContext": "_contract.context",
-    "GradientPassInfo": "_contract.context", "Probe": "_contract.context",
-    # parameter accounting
-    "factored_params": "_contract.accounting", "breakeven_rank": "_contract.accounting",
-    "stored_params": "_contract.accounting", "uniform_rank": "_contract.accounting",
-    "floor_tolerant": "_contract.accounting",
-    # model helpers
-    "Target": "_contract.model", "weight_of": "_contract.model", "set_weight_of": "_contract.model",
-    "as_out_in": "_contract.model",
-    "is_linear": "_contract.model", "count_parameters": "_contract.model", "max_positions": "_contract.model",
-    "find_blocks": "_engine.discovery", "find_targets": "_engine.discovery",
-    # spectra and the cache
-    "effective_rank": "_contract.diagnostics", "participation_ratio": "_contract.diagnostics",
-    "effective_rank_tensor": "_contract.diagnostics", "participation_ratio_tensor": "_contract.diagnostics",
-    "spectrum_diagnostics": "_contract.diagnostics",
-    "cache_dir": "_contract.cache",
+# module (relative to this package) -> the public names it defines; each name once
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "_contract.errors": ("LowrankError", "RegistryError", "RecipeError", "CompressionError",),
+    "_contract.recipe": ("Recipe",),
+    "_engine.compress": ("compress",),
+    "_engine.device": ("resolve_device",),
+    "_formats.io": ("save", "load",),
+    "_contract.layers": ("LowRankLinear",),
+    "_contract.report": ("CompressionReport", "MatrixReport",),
+    "_engine.inspect": ("inspect_model", "plot_inspection", "MatrixInfo",),
+    "_contract.registry": ("get_registry", "reset_registry", "new_manager", "Registry", "PluginEntry",),
+    "_contract.strategy": ("Strategy", "strategy_config",),
+    "_contract.scaling": ("Scaling",),
+    "_contract.allocator": ("Allocator", "ComponentScorer",),
+    "_contract.correction": ("Correction", "BlockCorrectionContext",),
+    "_contract.exporter": ("Exporter", "atomic_directory", "check_output_directory",),
+    "_contract.stats": ("LayerStats", "STATISTICS",),
+    "_contract.operators": ("Operator", "Diagonal", "Triangular", "Dense", "Transform", "SpectrumChange",),
+    "_contract.blocks": ("BlockContext", "BlockInputs",),
+    "_contract.spectrum": ("MatrixSpectrum", "Selection", "Budget",),
+    "_contract.factors": ("ScaledSVD", "build_factors", "scaled_gradient", "activation_error",),
+    "_engine.factorize": ("scaled_svd",),
+    "_contract.context": ("ModelContext", "RefineContext", "GradientPassInfo", "Probe",),
+    "_contract.accounting": ("factored_params", "breakeven_rank", "stored_params", "uniform_rank", "floor_tolerant",),
+    "_contract.model": ("Target", "weight_of", "set_weight_of", "as_out_in", "is_linear", "count_parameters", "max_positions",),
+    "_engine.discovery": ("find_blocks", "find_targets",),
+    "_contract.diagnostics": ("effective_rank", "participation_ratio", "effective_rank_tensor", "participation_ratio_tensor", "spectrum_diagnostics",),
+    "_contract.cache": ("cache_dir",),
 }
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = ["hookimpl", "install_transformers_hook", "__version__", *_EXPORTS]
+__all__ = [
+    "hookimpl", "install_transformers_hook", "__version__", "LowrankError", "RegistryError",
+    "RecipeError", "CompressionError", "Recipe", "compress", "resolve_device", "save", "load",
+    "LowRankLinear", "CompressionReport", "MatrixReport", "inspect_model", "plot_inspection",
+    "MatrixInfo", "get_registry", "reset_registry", "new_manager", "Registry", "PluginEntry",
+    "Strategy", "strategy_config", "Scaling", "Allocator", "ComponentScorer", "Correction",
+    "BlockCorrectionContext", "Exporter", "atomic_directory", "check_output_directory",
+    "LayerStats", "STATISTICS", "Operator", "Diagonal", "Triangular", "Dense", "Transform",
+    "SpectrumChange", "BlockContext", "BlockInputs", "MatrixSpectrum", "Selection", "Budget",
+    "ScaledSVD", "build_factors", "scaled_gradient", "activation_error", "scaled_svd",
+    "ModelContext", "RefineContext", "GradientPassInfo", "Probe", "factored_params",
+    "breakeven_rank", "stored_params", "uniform_rank", "floor_tolerant", "Target", "weight_of",
+    "set_weight_of", "as_out_in", "is_linear", "count_parameters", "max_positions", "find_blocks",
+    "find_targets", "effective_rank", "participation_ratio", "effective_rank_tensor",
+    "participation_ratio_tensor", "spectrum_diagnostics", "cache_dir",
+]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'lowrank' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
@@ -96,20 +94,46 @@ def __dir__() -> list[str]:
 install_transformers_hook()  # from_pretrained reads lowrank checkpoints (see _formats/hook.py)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._contract.accounting import breakeven_rank, factored_params, floor_tolerant, stored_params, uniform_rank
+    from ._contract.accounting import (
+        breakeven_rank,
+        factored_params,
+        floor_tolerant,
+        stored_params,
+        uniform_rank,
+    )
     from ._contract.allocator import Allocator, ComponentScorer
     from ._contract.blocks import BlockContext, BlockInputs
     from ._contract.cache import cache_dir
     from ._contract.context import GradientPassInfo, ModelContext, Probe, RefineContext
     from ._contract.correction import BlockCorrectionContext, Correction
-    from ._contract.diagnostics import (effective_rank, effective_rank_tensor, participation_ratio,
-                                        participation_ratio_tensor, spectrum_diagnostics)
+    from ._contract.diagnostics import (
+        effective_rank,
+        effective_rank_tensor,
+        participation_ratio,
+        participation_ratio_tensor,
+        spectrum_diagnostics,
+    )
     from ._contract.errors import CompressionError, LowrankError, RecipeError, RegistryError
     from ._contract.exporter import Exporter, atomic_directory, check_output_directory
     from ._contract.factors import ScaledSVD, activation_error, build_factors, scaled_gradient
     from ._contract.layers import LowRankLinear
-    from ._contract.model import Target, as_out_in, count_parameters, is_linear, max_positions, set_weight_of, weight_of
-    from ._contract.operators import Dense, Diagonal, Operator, SpectrumChange, Transform, Triangular
+    from ._contract.model import (
+        Target,
+        as_out_in,
+        count_parameters,
+        is_linear,
+        max_positions,
+        set_weight_of,
+        weight_of,
+    )
+    from ._contract.operators import (
+        Dense,
+        Diagonal,
+        Operator,
+        SpectrumChange,
+        Transform,
+        Triangular,
+    )
     from ._contract.recipe import Recipe
     from ._contract.registry import PluginEntry, Registry, get_registry, new_manager, reset_registry
     from ._contract.report import CompressionReport, MatrixReport

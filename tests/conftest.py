@@ -5,10 +5,9 @@ examples). Pick one with ``--hypothesis-profile NAME`` or the ``HYPOTHESIS_PROFI
 variable.
 """
 
-import pytest
-
 import os
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import build, calibration
 
 import lowrank
 from lowrank import CompressionError, RecipeError, RegistryError
 from lowrank.cli import main
-
-from tiny_models import build, calibration
 
 
 def _snapshot(model):

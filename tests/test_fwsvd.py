@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build, calibration
 
 import lowrank
 from lowrank import LayerStats, Selection, build_factors, scaled_svd
 from lowrank_builtin import Whitening
 from lowrank_builtin.fwsvd import FWSVD
-
-from tiny_models import build, calibration
 
 D = torch.float64
 

@@ -8,15 +8,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import build, calibration
 
 import lowrank
-from lowrank import Budget, LayerStats, MatrixSpectrum, Selection, build_factors, scaled_svd, stored_params
-from lowrank import floor_tolerant
+from lowrank import (
+    Budget,
+    LayerStats,
+    MatrixSpectrum,
+    Selection,
+    build_factors,
+    floor_tolerant,
+    scaled_svd,
+    stored_params,
+    uniform_rank,
+)
 from lowrank_builtin import Whitening
-from lowrank import uniform_rank
 from lowrank_builtin.loss_aware import LossAware, group_ranks, matrix_type, truncation_losses
-
-from tiny_models import build, calibration
 
 D = torch.float64
 

@@ -12,9 +12,14 @@ import torch
 from torch import nn
 
 from lowrank import count_parameters
-from lowrank.data import perplexity
-from lowrank.data import BUNDLED_MODELS, load_model, resolve_model
-from lowrank.data import load_windows, needs_bos
+from lowrank.data import (
+    BUNDLED_MODELS,
+    load_model,
+    load_windows,
+    needs_bos,
+    perplexity,
+    resolve_model,
+)
 
 # The hub is unreachable in CI; fail fast instead of waiting on timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,11 +6,10 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import ARCHS, build, calibration
 
 import lowrank
 from lowrank import LowRankLinear
-
-from tiny_models import ARCHS, build, calibration
 
 SCALINGS = ["identity", "asvd", "whitening"]
 ALLOCATORS = ["uniform", {"energy": {}}, {"energy": {"fraction": 0.95}}]

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import lowrank
-from lowrank import RegistryError
-from lowrank import new_manager, reset_registry
+from lowrank import RegistryError, new_manager, reset_registry
 from lowrank.cli import main
 
 

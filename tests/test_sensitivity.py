@@ -9,13 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import build, calibration
 
 import lowrank
 from lowrank import Budget, MatrixSpectrum, stored_params
 from lowrank_builtin.sensitivity import Sensitivity, cut_allocation, sensitivity_rank
-
-from tiny_models import build, calibration
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

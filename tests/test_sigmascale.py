@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import build, calibration
 
 import lowrank
 from lowrank import LayerStats
 from lowrank_builtin.sigmascale import SigmaScale, TruncEigh, TruncSVD, reconstruct, truncate
-
-from tiny_models import build, calibration
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowrank.data.austen import AUSTEN_NOVELS, _RReader, austen_novel, austen_path, unwrap_lines
-from lowrank.data.text import load_text, pydoc_text, text_source_names
 from lowrank.data import calibration_windows, evaluation_windows, needs_bos
+from lowrank.data.austen import AUSTEN_NOVELS, austen_novel, austen_path, unwrap_lines
+from lowrank.data.rdata import _RReader
+from lowrank.data.text import load_text, pydoc_text, text_source_names
 
 # The hub is unreachable in CI; fail fast instead of waiting on timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

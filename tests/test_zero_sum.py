@@ -7,17 +7,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import build, calibration
 
 import lowrank
-from lowrank import LayerStats, MatrixSpectrum, Selection, breakeven_rank, build_factors, scaled_svd, stored_params
-from lowrank import scaled_gradient
-from lowrank import find_targets, weight_of
+from lowrank import (
+    LayerStats,
+    MatrixSpectrum,
+    Selection,
+    breakeven_rank,
+    build_factors,
+    find_targets,
+    scaled_gradient,
+    scaled_svd,
+    stored_params,
+    weight_of,
+)
 from lowrank._engine.contexts import EngineRefineContext as RefineContext
 from lowrank_builtin import Identity, Whitening
 from lowrank_builtin.fwsvd import FWSVD
 from lowrank_builtin.zero_sum import ZeroSum, predicted_changes, project_onto_gradients
-
-from tiny_models import build, calibration
 
 D = torch.float64
 

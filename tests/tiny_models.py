@@ -8,8 +8,14 @@ VOCAB = 128
 
 
 def build(arch: str, seed: int = 0):
-    from transformers import (AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig,
-                              MistralConfig, Qwen2Config)
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=3,

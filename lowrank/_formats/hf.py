@@ -18,7 +18,15 @@ from typing import Any
 from .._contract.errors import LowrankError
 from .._contract.exporter import check_output_directory
 from .._version import __version__
-from .checkpoint import CheckpointExporter, empty_model_context, factored_layers, finish_assign, model_class, saved_dtype, torch_dtype
+from .checkpoint import (
+    CheckpointExporter,
+    empty_model_context,
+    factored_layers,
+    finish_assign,
+    model_class,
+    saved_dtype,
+    torch_dtype,
+)
 from .hf_record import FORMAT_VERSION, QUANT_METHOD, check_record, replace_with_lowrank
 from .provenance import attach_provenance, provenance_of
 

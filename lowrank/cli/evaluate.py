@@ -22,6 +22,7 @@ def eval_command(model: str, data: str, seqlen: int, windows: int | None, batch_
     """Perplexity of MODEL (bundled name, hub id, or a directory, compressed or not)."""
     from lowrank import count_parameters
     from lowrank.data import load_windows, perplexity
+
     from ._common import open_model
 
     start = time.perf_counter()

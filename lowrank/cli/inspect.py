@@ -17,6 +17,7 @@ def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
     """Table of every targeted matrix: shape, rank, parameters, effective rank of its spectrum (and,
     for a model compressed with a learned scaling, the effective ranks before and after learning)."""
     from lowrank import inspect_model, plot_inspection
+
     from ._common import open_model
 
     try:

@@ -34,7 +34,15 @@ from typing import Literal, Sequence
 from pydantic import Field
 
 import lowrank
-from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, floor_tolerant, stored_params, uniform_rank
+from lowrank import (
+    Budget,
+    MatrixSpectrum,
+    Selection,
+    breakeven_rank,
+    floor_tolerant,
+    stored_params,
+    uniform_rank,
+)
 
 __all__ = ["LossAware", "LossAwareConfig", "matrix_type", "truncation_losses", "group_ranks", "STRATEGIES"]
 

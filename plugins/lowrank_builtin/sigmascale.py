@@ -37,8 +37,15 @@ import torch
 from pydantic import Field
 
 import lowrank
-from lowrank import Diagonal, LayerStats, SpectrumChange, Transform
-from lowrank import effective_rank_tensor, participation_ratio_tensor, spectrum_diagnostics
+from lowrank import (
+    Diagonal,
+    LayerStats,
+    SpectrumChange,
+    Transform,
+    effective_rank_tensor,
+    participation_ratio_tensor,
+    spectrum_diagnostics,
+)
 
 __all__ = ["SigmaScale", "SigmaScaleConfig", "TruncSVD", "TruncEigh", "truncate", "reconstruct"]
 

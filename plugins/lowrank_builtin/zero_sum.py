@@ -30,8 +30,15 @@ import torch
 from pydantic import Field
 
 import lowrank
-from lowrank import Budget, MatrixSpectrum, Selection, breakeven_rank, stored_params
-from lowrank import build_factors, max_positions
+from lowrank import (
+    Budget,
+    MatrixSpectrum,
+    Selection,
+    breakeven_rank,
+    build_factors,
+    max_positions,
+    stored_params,
+)
 
 __all__ = ["ZeroSum", "ZeroSumConfig", "zero_sum_ranks", "component_floor", "predicted_changes",
            "project_onto_gradients", "STRATEGIES"]

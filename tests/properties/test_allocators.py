@@ -14,8 +14,13 @@ import lowrank
 from lowrank import Budget, MatrixSpectrum, stored_params
 from lowrank_builtin import Energy, Uniform
 
-from .strategies import single_threaded_torch  # noqa: F401  (autouse fixture)
-from .strategies import DTYPE, RATIOS, decimal, matrix_spectra
+from .strategies import (
+    DTYPE,
+    RATIOS,
+    decimal,
+    matrix_spectra,
+    single_threaded_torch,  # noqa: F401  (autouse fixture)
+)
 
 GLOBAL = {"uniform": lambda: Uniform(), "energy": lambda: Energy()}  # allocators that honour a budget
 

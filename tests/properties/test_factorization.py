@@ -21,14 +21,13 @@ import lowrank
 from lowrank import Selection, Transform, build_factors, scaled_svd
 from lowrank_builtin import ASVD, Identity, Whitening
 
-from .strategies import single_threaded_torch  # noqa: F401  (autouse fixture)
 from .strategies import (
     DTYPE,
     EMPTY,
     FULL,
     RANK_DEFICIENT,
-    U,
     ZERO,
+    U,
     calibrations,
     chain_cond,
     chain_matrices,
@@ -37,6 +36,7 @@ from .strategies import (
     make_matrix,
     operators,
     problems,
+    single_threaded_torch,  # noqa: F401  (autouse fixture)
 )
 
 # Round-off budget: |computed - exact| <= TOL * U * size * (condition numbers) * scale.

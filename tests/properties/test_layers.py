@@ -13,8 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from lowrank import LowRankLinear, breakeven_rank, factored_params, stored_params
 
-from .strategies import single_threaded_torch  # noqa: F401  (autouse fixture)
-from .strategies import DTYPE, SEEDS, generator
+from .strategies import (
+    DTYPE,
+    SEEDS,
+    generator,
+    single_threaded_torch,  # noqa: F401  (autouse fixture)
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

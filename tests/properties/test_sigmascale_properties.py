@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from lowrank import Diagonal, Selection, build_factors, scaled_svd
 from lowrank_builtin.sigmascale import SigmaScale, TruncEigh, TruncSVD, reconstruct
 
-from .strategies import single_threaded_torch  # noqa: F401  (autouse fixture)
 from .strategies import (
     DTYPE,
     FULL,
@@ -30,6 +29,7 @@ from .strategies import (
     make_matrix,
     matrices,
     problems,
+    single_threaded_torch,  # noqa: F401  (autouse fixture)
 )
 
 FAST = dict(steps=8, lr=0.05, noise=0.0)

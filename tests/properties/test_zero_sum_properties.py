@@ -19,8 +19,12 @@ import lowrank
 from lowrank import Budget, MatrixSpectrum, breakeven_rank, stored_params
 from lowrank_builtin.zero_sum import ZeroSum, component_floor, zero_sum_ranks
 
-from .strategies import single_threaded_torch  # noqa: F401  (autouse fixture)
-from .strategies import DTYPE, SEEDS, generator
+from .strategies import (
+    DTYPE,
+    SEEDS,
+    generator,
+    single_threaded_torch,  # noqa: F401  (autouse fixture)
+)
 
 
 def naive_stored(m: int, n: int, k: int) -> int:
