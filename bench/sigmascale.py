@@ -166,7 +166,7 @@ def in_process(args, recipe: str, ratio: float) -> dict | None:
 
     import torch
 
-    import lowrank.data.models as models
+    import lowrank.data.bundled as models
 
     if "real" not in _LOADED:
         _LOADED["real"] = models.load_model

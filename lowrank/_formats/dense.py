@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._contract.exporter import check_output_directory
+from .._contract.model import as_out_in
 from .checkpoint import CheckpointExporter, empty_model_context, factored_layers, finish_assign
 from .provenance import provenance_of
 
@@ -45,8 +46,7 @@ class DenseExporter(CheckpointExporter):
                 # float64 product so the merge adds no error beyond the final rounding, into the
                 # dense layer's dtype (factors may be stored narrower, by a recipe's ``dtype``)
                 weight = (layer.A.double() @ layer.B.double()).to(target.weight.dtype)
-                if type(target).__name__ == "Conv1D":  # GPT-2 stores (in x out)
-                    weight = weight.T
+                weight = as_out_in(target, weight)  # GPT-2's Conv1D stores (in x out)
                 state[f"{name}.weight"] = weight.contiguous()
                 if layer.bias is not None:
                     state[f"{name}.bias"] = layer.bias.detach().to(target.weight.dtype)

@@ -13,7 +13,7 @@ Everything needed to reproduce a number of this project without a model hub::
 from __future__ import annotations
 
 from .austen import AUSTEN_NOVELS, austen_novel
-from .models import BUNDLED_MODELS, load_model, resolve_model
+from .bundled import BUNDLED_MODELS, load_model, resolve_model
 from .perplexity import PerplexityResult, perplexity
 from .text import load_text, text_source_names
 from .windows import calibration_windows, evaluation_windows, load_windows, needs_bos, tokenize_text
