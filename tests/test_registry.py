@@ -103,3 +103,15 @@ def test_import_lowrank_is_light():
     code = "import sys, lowrank; print(sorted(m for m in ('torch', 'transformers', 'pydantic') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_two_defaults_of_one_kind_are_an_error(fresh_registry):
+    class Plugin:
+        @lowrank.hookimpl
+        def lowrank_register_scalings(self, register):
+            register(_Extra, default=True)
+
+    pm = new_manager()
+    pm.register(Plugin(), name="greedy")
+    with pytest.raises(RegistryError, match="default scaling"):
+        reset_registry(pm)
