@@ -1,34 +1,30 @@
-"""The ``rms`` scaling: weight each input channel by its activation RMS before the SVD."""
+"""lowrank-rms-scaling: an example third-party plugin package for ``lowrank``.
+
+It ships two strategies, written against the public API only (``import lowrank``):
+
+- the scaling ``rms`` (:class:`RMSScaling`, in :mod:`lowrank_rms.scaling`);
+- the global allocator ``activation-energy`` (:class:`ActivationEnergy`, in
+  :mod:`lowrank_rms.allocator`).
+
+The entry point ``rms = "lowrank_rms"`` (group ``lowrank``) names this module; lowrank's plugin
+manager calls the two hooks below, each of which registers one strategy class.
+"""
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field
-
 import lowrank
 
-__all__ = ["RMSScaling", "RMSConfig"]
+from .allocator import ActivationEnergy, ActivationEnergyConfig
+from .scaling import RMSConfig, RMSScaling
 
-
-@lowrank.strategy_config
-class RMSConfig:
-    alpha: float = Field(1.0, gt=0.0, le=4.0, description="exponent on the channel RMS")
-    eps: float = Field(1e-6, gt=0.0, description="floor, relative to the largest RMS, for silent channels")
-
-
-class RMSScaling(lowrank.Scaling):
-    """Scale input channel j by RMS(x_j)^alpha (the diagonal of the whitening transform)."""
-
-    name = "rms"
-    Config = RMSConfig
-
-    def fit(self, weight: torch.Tensor, stats: lowrank.LayerStats, rank: int | None = None) -> lowrank.Transform:
-        rms = stats.covariance.diagonal().clamp_min(0).sqrt()
-        floor = self.config.eps * float(rms.max()) if float(rms.max()) > 0 else 1.0
-        notes = ["all channels silent; identity used"] if float(rms.max()) == 0 else []
-        return lowrank.Transform(right=lowrank.Diagonal(rms.clamp_min(floor).pow(self.config.alpha)), notes=notes)
+__all__ = ["RMSScaling", "RMSConfig", "ActivationEnergy", "ActivationEnergyConfig"]
 
 
 @lowrank.hookimpl
 def lowrank_register_scalings(register):
     register(RMSScaling)
+
+
+@lowrank.hookimpl
+def lowrank_register_allocators(register):
+    register(ActivationEnergy)
