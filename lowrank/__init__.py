@@ -31,10 +31,12 @@ from ._version import __version__
 
 # module (relative to this package) -> the public names it defines; each name once
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "_contract.errors": ("LowrankError", "RegistryError", "RecipeError", "CompressionError",),
+    "_contract.errors": ("LowrankError", "RegistryError", "RecipeError", "CompressionError", "CheckpointError",
+                         "DeviceError",),
     "_contract.recipe": ("Recipe",),
     "_engine.compress": ("compress",),
     "_engine.device": ("resolve_device",),
+    "_engine.setup": ("preflight",),
     "_formats.io": ("save", "load",),
     "_contract.layers": ("LowRankLinear",),
     "_contract.report": ("CompressionReport", "MatrixReport",),
@@ -62,7 +64,8 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [
     "hookimpl", "install_transformers_hook", "__version__", "LowrankError", "RegistryError",
-    "RecipeError", "CompressionError", "Recipe", "compress", "resolve_device", "save", "load",
+    "RecipeError", "CompressionError", "CheckpointError", "DeviceError", "Recipe", "compress",
+    "preflight", "resolve_device", "save", "load",
     "LowRankLinear", "CompressionReport", "MatrixReport", "inspect_model", "plot_inspection",
     "MatrixInfo", "get_registry", "reset_registry", "new_manager", "Registry", "PluginEntry",
     "Strategy", "strategy_config", "Scaling", "Allocator", "ComponentScorer", "Correction",
@@ -113,7 +116,14 @@ if TYPE_CHECKING:  # pragma: no cover
         participation_ratio_tensor,
         spectrum_diagnostics,
     )
-    from ._contract.errors import CompressionError, LowrankError, RecipeError, RegistryError
+    from ._contract.errors import (
+        CheckpointError,
+        CompressionError,
+        DeviceError,
+        LowrankError,
+        RecipeError,
+        RegistryError,
+    )
     from ._contract.exporter import Exporter, atomic_directory, check_output_directory
     from ._contract.factors import ScaledSVD, activation_error, build_factors, scaled_gradient
     from ._contract.layers import LowRankLinear
@@ -146,4 +156,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._engine.discovery import find_blocks, find_targets
     from ._engine.factorize import scaled_svd
     from ._engine.inspect import MatrixInfo, inspect_model, plot_inspection
+    from ._engine.setup import preflight
     from ._formats.io import load, save

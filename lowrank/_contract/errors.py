@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["LowrankError", "RegistryError", "RecipeError", "CompressionError"]
+__all__ = ["LowrankError", "RegistryError", "RecipeError", "CompressionError", "CheckpointError",
+           "DeviceError"]
 
 
 class LowrankError(Exception):
@@ -19,3 +20,12 @@ class RecipeError(LowrankError, ValueError):
 
 class CompressionError(LowrankError, ValueError):
     """Bad input to the pipeline: non-finite weights, empty calibration, targets that match nothing."""
+
+
+class CheckpointError(LowrankError, ValueError):
+    """A checkpoint directory that cannot be read as it is: a missing, truncated or corrupt file, a
+    ``config.json`` that is not valid, or tensors that do not match what the config records."""
+
+
+class DeviceError(LowrankError, RuntimeError):
+    """A device that was asked for by name (``cuda``, ``cuda:N``, ``mps``) is not available here."""

@@ -28,6 +28,8 @@ class ScaledSVD:
     transforms: list[Transform]
     notes: list[str] = field(default_factory=list)
     diagnostics: dict[str, float] = field(default_factory=dict)  # "<scaling>.<key>": what scalings reported
+    method: str = "svd"   # how the SVD was computed: "gram-eigh" (fast route) or "svd" (LAPACK)
+    seconds: float = 0.0  # wall time of the SVD
 
     @property
     def spectrum_change(self) -> SpectrumChange | None:
@@ -53,7 +55,7 @@ class ScaledSVD:
                 ops.append(type(op)(**values))
             transforms.append(Transform(ops[0], ops[1], list(t.notes), dict(t.diagnostics), t.spectrum_change))
         return ScaledSVD(move(self.u), move(self.s), move(self.vh), transforms, list(self.notes),
-                         dict(self.diagnostics))
+                         dict(self.diagnostics), self.method, self.seconds)
 
     def spectrum_error(self, selection: Selection) -> float:
         """Relative truncation error in the scaled Frobenius norm (exact, from the spectrum)."""

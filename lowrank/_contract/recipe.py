@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import RecipeError
+from .errors import LowrankError, RecipeError
+from .recipe_file import parse_recipe_yaml, read_recipe_text
 from .registry import BASES, get_registry
 from .scaling import Scaling
 from .strategy import Strategy
@@ -31,7 +32,9 @@ RECIPE_FILE = "recipe.yaml"
 FORMAT_VERSION = 1
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 _INPUTS = ("sequential", "original")
+_FACTORIZATIONS = ("auto", "svd")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
 
 def _default(kind: str, where: str) -> Strategy:
@@ -65,7 +68,31 @@ def _resolve(kind: str, spec: Any, where: str) -> Strategy:
             f"lowrank.{base.__name__} object, got {spec!r}"
         )
     cls = get_registry().get(kind, str(name))  # type: ignore[arg-type]
-    return cls(dict(settings))
+    try:
+        return cls(dict(settings))
+    except LowrankError:
+        raise
+    except (TypeError, ValueError, OverflowError, ArithmeticError) as err:  # a plugin's own check
+        raise RecipeError(f"{where}: {kind} {name!r}: {err}") from None
+
+
+def _check_patterns(key: str, patterns: list[str]) -> None:
+    """Every ``re:`` pattern must compile (a typo fails here, not in the middle of a run)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except (re.error, RecursionError, OverflowError) as err:
+                raise RecipeError(f"{key}: {p!r} is not a valid regular expression ({err})") from None
+
+
+def _check_unique(scalings: list[Strategy]) -> None:
+    """A scaling listed twice is a mistake (a stack applies each scaling once, in order)."""
+    names = [s.name for s in scalings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RecipeError(f"scalings: {', '.join(map(repr, twice))} listed more than once ({names}); "
+                          "list each scaling once (its settings say how strong it is)")
 
 
 @dataclass
@@ -86,6 +113,9 @@ class Recipe:
         dtype: storage dtype of the factors; ``auto`` keeps the layer's dtype. Statistics always
             accumulate in float32 and factorizations run in float64.
         seed: seeds every random choice of the run.
+        factorization: ``auto`` takes each SVD by the fastest route that is exact enough (the
+            eigendecomposition of the smaller Gram matrix, checked; see the engine's ``svd.py``);
+            ``svd`` always uses LAPACK's float64 SVD (the reference).
         inputs: ``sequential`` feeds each block the outputs of the already-compressed blocks;
             ``original`` feeds it the uncompressed model's activations.
         name: a label stored with the compressed model.
@@ -101,6 +131,7 @@ class Recipe:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    factorization: str = "auto"
     inputs: str = "sequential"
     name: str = "lowrank"
 
@@ -112,6 +143,7 @@ class Recipe:
         if not isinstance(self.scalings, Sequence) or not self.scalings:
             raise RecipeError(f"scalings: expected a non-empty list, got {self.scalings!r}")
         self.scalings = [_resolve("scaling", s, f"scalings[{i}]") for i, s in enumerate(self.scalings)]
+        _check_unique(self.scalings)
         self.allocator = _resolve("allocator", self.allocator, "allocator")
         self.exporter = _resolve("exporter", self.exporter, "exporter")
         if self.corrections is None:
@@ -123,7 +155,7 @@ class Recipe:
         self.corrections = [_resolve("correction", c, f"corrections[{i}]") for i, c in enumerate(self.corrections)]
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise RecipeError(f"ratio: expected a number in (0, 1), got {self.ratio!r}")
-        if not 0.0 < float(self.ratio) < 1.0:
+        if not 0 < self.ratio < 1:  # compared as given: a huge int never becomes a float
             raise RecipeError(
                 f"ratio: expected a number strictly between 0 and 1 (the fraction of the targeted "
                 f"parameters removed), got {self.ratio!r}"
@@ -139,12 +171,15 @@ class Recipe:
             if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
                 raise RecipeError(f"{key}: expected a list of module-name patterns, got {value!r}")
             setattr(self, key, list(value))
+            _check_patterns(key, list(value))
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise RecipeError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise RecipeError(f"dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise RecipeError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= _MAX_SEED:
+            raise RecipeError(f"seed: expected an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        if self.factorization not in _FACTORIZATIONS:
+            raise RecipeError(f"factorization: expected one of {', '.join(_FACTORIZATIONS)}, got {self.factorization!r}")
         if self.inputs not in _INPUTS:
             raise RecipeError(f"inputs: expected one of {', '.join(_INPUTS)}, got {self.inputs!r}")
         if not isinstance(self.name, str):
@@ -167,6 +202,7 @@ class Recipe:
             "device": self.device,
             "dtype": self.dtype,
             "seed": self.seed,
+            "factorization": self.factorization,
             "inputs": self.inputs,
         }
 
@@ -180,7 +216,7 @@ class Recipe:
         if version != FORMAT_VERSION:
             raise RecipeError(f"lowrank_recipe: this version reads format {FORMAT_VERSION}, got {version!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = [k for k in data if not isinstance(k, str) or k not in known]
         if unknown:
             raise RecipeError(
                 f"unknown recipe key(s) {', '.join(map(repr, unknown))}; valid keys: "
@@ -196,13 +232,9 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
-        """A recipe from YAML text (safe loader: a file is data, never code)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"the recipe is not valid YAML: {err}") from None
+        """A recipe from YAML text: a safe loader (a file is data, never code), duplicate keys
+        refused, at most ``MAX_RECIPE_BYTES``; every failure is a :class:`RecipeError`."""
+        data = parse_recipe_yaml(text)
         return cls.from_dict(data if data is not None else {})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -215,10 +247,9 @@ class Recipe:
     def load(cls, path: str | os.PathLike[str]) -> "Recipe":
         """Read a recipe file; errors name the file."""
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        text = read_recipe_text(path)  # errors name the file already
         try:
-            return cls.from_yaml(path.read_text(encoding="utf-8"))
+            return cls.from_yaml(text)
         except RecipeError as err:
             raise RecipeError(f"{path}: {err}") from None
 

@@ -7,6 +7,7 @@ class; it holds no state of its own beyond the run's :class:`~lowrank._engine.se
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,7 @@ class BlockPass:
             stats = [self._stats_for(t, block, index, inputs, collected) for t in targets]
             ranks = [plan[t.name].rank if plan is not None else setup.recipe.allocator.rank_hint(t.shape, setup.recipe.ratio)
                      for t in targets]
-            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks)
+            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks, setup.recipe.factorization)
             return [MatrixProfile(t, svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
                     for t, svd, st, w in zip(targets, svds, stats, weights)]
 
@@ -126,8 +127,11 @@ class BlockPass:
         """Swap every profiled layer for its factors (or keep it dense); one report per matrix."""
         reports = []
         for p in profiles:
+            start = time.perf_counter()
             with self.setup.timer.phase("factorization"):
-                reports.append(self._apply_one(block, p, selections[p.target.name], undo))
+                report = self._apply_one(block, p, selections[p.target.name], undo)
+            report.factorization_seconds = p.svd.seconds + time.perf_counter() - start
+            reports.append(report)
         return reports
 
     def _apply_one(self, block: nn.Module, p: MatrixProfile, sel: Selection, undo: Undo) -> MatrixReport:
@@ -146,7 +150,7 @@ class BlockPass:
             rank, after = sel.rank, sel.params(t.shape)
         report = MatrixReport(t.name, t.block, t.shape, rank, m * n, after, s_err, a_err,
                               effective_rank(p.svd.s), list(p.svd.notes), participation_ratio(p.svd.s),
-                              diagnostics=dict(p.svd.diagnostics))
+                              diagnostics=dict(p.svd.diagnostics), factorization=p.svd.method)
         change = p.svd.spectrum_change
         if change is not None:
             for f in dataclasses.fields(change):

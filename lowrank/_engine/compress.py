@@ -18,6 +18,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections import Counter
 
 import torch
 from torch import nn
@@ -167,6 +168,9 @@ def _finish_report(model: nn.Module, setup: RunSetup, recipe: Recipe, seconds: f
     if setup.device.type == "cuda":
         report.notes.append(f"peak GPU memory {max_gpu_bytes(setup.device) / 2**20:.0f} MiB")
     report.notes.extend(sorted({n for m in report.matrices for n in m.notes}))
+    methods = Counter(m.factorization for m in report.matrices if m.factorization)
+    report.notes.append("factorization: " + ", ".join(f"{n} {k}" for k, n in sorted(methods.items()))
+                        + f"; {torch.get_num_threads()} torch threads on {setup.device}")
     model.lowrank_report = report  # type: ignore[assignment]
     model.lowrank_recipe = recipe  # type: ignore[assignment]
     return report

@@ -9,20 +9,13 @@ from typing import Iterator
 
 import torch
 
+from .._contract.devices import resolve_device
+
 __all__ = ["resolve_device", "synchronize", "PhaseTimer", "STORAGE_DTYPES"]
 
 #: A recipe's ``dtype`` names (``auto`` keeps each layer's dtype).
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                   "float64": torch.float64}
-
-
-def resolve_device(device: str) -> tuple[torch.device, list[str]]:
-    """``auto`` picks CUDA when present; an unavailable CUDA falls back to the CPU (said in notes)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device("cpu"), [f"device {device!r} requested but CUDA is not available; ran on cpu"]
-    return torch.device(device), []
 
 
 def synchronize(device: torch.device) -> None:

@@ -27,9 +27,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in lists:
         if (n is None or len(mod) == n) and any(is_linear(m) or isinstance(m, LowRankLinear) for m in mod[0].modules()):
             return name, mod
+    seen = ", ".join(f"{name or '(root)'} ({len(mod)} x {type(mod[0]).__name__})" for name, mod in lists[:6])
     raise CompressionError(
-        f"could not find the decoder blocks of {type(model).__name__}: expected an nn.ModuleList of "
-        f"{n if n is not None else 'num_hidden_layers'} blocks containing nn.Linear layers"
+        f"unsupported architecture {type(model).__name__}: lowrank looks for its decoder blocks as an "
+        f"nn.ModuleList of {n if n is not None else 'num_hidden_layers (not in the config)'} modules "
+        "(the config's num_hidden_layers, n_layer or num_layers) whose first one holds nn.Linear or "
+        f"transformers Conv1D layers, and found {'only: ' + seen if seen else 'no nn.ModuleList at all'}. "
+        "Nothing was changed"
     )
 
 

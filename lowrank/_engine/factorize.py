@@ -1,4 +1,5 @@
-"""Taking the scaled SVD of a block's matrices: the scalings in order, then one SVD each."""
+"""Taking the scaled SVD of a block's matrices: the scalings in order, then one thin SVD each
+(``svd.py`` picks the route)."""
 
 from __future__ import annotations
 
@@ -10,37 +11,23 @@ from .._contract.factors import ScaledSVD
 from .._contract.operators import Transform
 from .._contract.scaling import Scaling
 from .._contract.stats import LayerStats
+from .svd import thin_svd
 
 __all__ = ["scaled_svd", "scaled_svd_batch"]
 
 
-def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    try:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u, s, vh, []
-    except RuntimeError:
-        # gesdd can fail to converge on badly scaled input; gesvd (CUDA) / an eigh route is slower
-        # but robust. Report it instead of crashing.
-        if w.is_cuda:
-            u, s, vh = torch.linalg.svd(w, full_matrices=False, driver="gesvd")
-        else:
-            import numpy as np
-            import scipy.linalg
-
-            u_, s_, vh_ = scipy.linalg.svd(w.numpy(), full_matrices=False, lapack_driver="gesvd")
-            u, s, vh = (torch.from_numpy(np.ascontiguousarray(a)) for a in (u_, s_, vh_))
-        return u, s, vh, ["SVD fell back to the gesvd driver"]
-
-
 def scaled_svd(weight: torch.Tensor, stats: LayerStats, scalings: Sequence[Scaling],
-               rank: int | None = None) -> ScaledSVD:
+               rank: int | None = None, method: str = "auto") -> ScaledSVD:
     """Apply the scalings in order (each sees the previous one's output), then take the SVD."""
-    return scaled_svd_batch([weight], [stats], scalings, [rank])[0]
+    return scaled_svd_batch([weight], [stats], scalings, [rank], method)[0]
 
 
 def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], scalings: Sequence[Scaling],
-                     ranks: Sequence[int | None]) -> list[ScaledSVD]:
-    """``scaled_svd`` for several matrices of one block; each scaling fits them in one call."""
+                     ranks: Sequence[int | None], method: str = "auto") -> list[ScaledSVD]:
+    """``scaled_svd`` for several matrices of one block; each scaling fits them in one call.
+
+    ``method`` is the recipe's ``factorization`` (``auto`` or ``svd``; see ``svd.py``).
+    """
     ws = list(weights)
     st = list(stats)
     transforms: list[list[Transform]] = [[] for _ in ws]
@@ -59,6 +46,7 @@ def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats
     for j, w in enumerate(ws):
         if not torch.isfinite(w).all():
             raise FloatingPointError("the scaled weight is not finite")
-        u, s, vh, svd_notes = _svd(w)
-        out.append(ScaledSVD(u, s, vh, transforms[j], notes[j] + svd_notes, diagnostics[j]))
+        svd = thin_svd(w, ranks[j], method)
+        out.append(ScaledSVD(svd.u, svd.s, svd.vh, transforms[j], notes[j] + svd.notes, diagnostics[j],
+                             method=svd.method, seconds=svd.seconds))
     return out

@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from .._contract.errors import CompressionError
-from .._contract.model import set_submodule
+from .._contract.model import max_positions, set_submodule
 
-__all__ = ["validate_inputs", "Undo"]
+__all__ = ["validate_inputs", "check_weights", "Undo"]
 
 
 def validate_inputs(model: nn.Module, calibration: torch.Tensor) -> None:
+    """Refuse calibration that is not token ids the model can read, and non-finite weights."""
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
         raise CompressionError(
             "calibration: expected a 2-D integer tensor of token ids (windows x tokens), got "
@@ -24,8 +25,19 @@ def validate_inputs(model: nn.Module, calibration: torch.Tensor) -> None:
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
         raise CompressionError(f"calibration: token ids must lie in [0, {vocab}), got [{int(calibration.min())}, {int(calibration.max())}]")
+    limit = max_positions(model)
+    if limit is not None and calibration.shape[1] > limit:
+        raise CompressionError(
+            f"calibration: windows of {calibration.shape[1]} tokens are longer than the model's context "
+            f"of {limit} positions (max_position_embeddings / n_positions); use windows of at most {limit} tokens"
+        )
+    check_weights(model)
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first one."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if p.is_floating_point() and not torch.isfinite(p).all():
             raise CompressionError(f"the model has non-finite (NaN or inf) weights in {name}; nothing was changed")
 
 

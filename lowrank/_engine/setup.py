@@ -10,14 +10,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .._contract.errors import CompressionError
 from .._contract.model import Target, max_positions
 from .._contract.recipe import Recipe
 from .._contract.report import CompressionReport
 from .device import PhaseTimer, resolve_device
 from .discovery import find_blocks, find_targets
-from .guard import validate_inputs
+from .guard import check_weights, validate_inputs
 
-__all__ = ["StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows"]
+__all__ = ["StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows",
+           "preflight"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class RunSetup:
         prefix, blocks = find_blocks(model)
         targets = find_targets(model, recipe.targets, recipe.ignore, blocks=(prefix, blocks))
         validate_inputs(model, calibration)
-        report = CompressionReport(recipe.name, recipe.ratio, device=str(device), notes=notes)
+        report = CompressionReport(recipe.name, recipe.ratio, device=str(device), notes=list(notes))
         return cls(model, recipe, calibration, batch_size, progress, device, prefix, blocks, targets,
                    StatisticsNeeds.of(recipe), PhaseTimer(device), report, gradient_data)
 
@@ -104,6 +106,34 @@ class RunSetup:
 
         return tqdm(range(len(self.blocks)), desc=f"lowrank: {what}", unit="block",
                     disable=not self.progress, file=sys.stderr, leave=False)
+
+
+def preflight(model: nn.Module, recipe: Recipe | None = None, calibration: torch.Tensor | None = None) -> list[Target]:
+    """Every check :func:`lowrank.compress` makes before its first forward pass, changing nothing.
+
+    The recipe's device exists; the model has decoder blocks lowrank recognises (else an
+    "unsupported architecture" error naming what was looked for); the recipe's ``targets`` /
+    ``ignore`` match at least one linear layer; no weight is NaN or infinite; and, when
+    ``calibration`` is given, it is token ids within the vocabulary, in windows no longer than the
+    model's context. Run it before anything slow (the CLI runs it before "perplexity before").
+
+    Returns:
+        The targeted layers, in model order.
+
+    Raises:
+        lowrank.DeviceError, lowrank.CompressionError: as :func:`lowrank.compress` would.
+    """
+    recipe = recipe if recipe is not None else Recipe()
+    if not isinstance(recipe, Recipe):
+        raise CompressionError(f"recipe: expected a lowrank.Recipe, got {type(recipe).__name__}")
+    resolve_device(recipe.device)
+    prefix, blocks = find_blocks(model)
+    targets = find_targets(model, recipe.targets, recipe.ignore, blocks=(prefix, blocks))
+    if calibration is not None:
+        validate_inputs(model, calibration)
+    else:
+        check_weights(model)
+    return targets
 
 
 def recut_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:

@@ -8,13 +8,56 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .._contract.errors import LowrankError
+from .._contract.errors import CheckpointError, LowrankError
 from .._contract.exporter import Exporter, atomic_directory
 from .._contract.layers import LowRankLinear
-from .provenance import attach_provenance, write_provenance
+from .._contract.recipe import RECIPE_FILE
+from .._contract.report import REPORT_FILE
+from .files import check_against, tensor_entries, weight_files
+from .provenance import attach_provenance, read_config, write_provenance
 
 __all__ = ["CheckpointExporter", "factored_layers", "torch_dtype", "saved_dtype", "empty_model_context",
-           "model_class", "finish_assign"]
+           "model_class", "finish_assign", "read_hf_config", "read_tensors", "check_plain_checkpoint"]
+
+
+def read_hf_config(directory: Path) -> Any:
+    """``AutoConfig`` of a checkpoint directory; a config transformers cannot read is a
+    :class:`CheckpointError` (unknown ``model_type``, wrong field types, ...)."""
+    from transformers import AutoConfig
+
+    read_config(directory)  # exists, UTF-8, a JSON object
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        message = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: transformers cannot build a config "
+                              f"from it ({type(err).__name__}: {message})") from None
+
+
+def read_tensors(path: Path, device: str) -> dict[str, Any]:
+    """The tensors of one safetensors file (its header was checked already)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err}); the checkpoint is damaged") from None
+
+
+def check_plain_checkpoint(directory: Path, dtype: Any = None) -> None:
+    """Before ``from_pretrained`` reads a checkpoint without a lowrank record: safetensors only,
+    every file complete, every tensor's shape and dtype what ``config.json`` implies. One that
+    lowrank wrote (``recipe.yaml`` or ``lowrank_report.json`` beside it) must also hold every
+    tensor and no other."""
+    entries = tensor_entries(weight_files(directory))
+    config = read_hf_config(directory)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # another library's quantized layout: its tensors are not the dense shapes
+    with empty_model_context(dtype or saved_dtype(config)):
+        model = model_class(config)(config)
+    strict = (directory / RECIPE_FILE).is_file() or (directory / REPORT_FILE).is_file()
+    check_against(model, entries, where=str(directory), strict=strict)
 
 
 def factored_layers(model: Any) -> dict[str, Any]:
@@ -100,7 +143,9 @@ class CheckpointExporter(Exporter):
         from transformers import AutoModelForCausalLM
 
         dtype = torch_dtype(dtype)
+        check_plain_checkpoint(Path(directory), dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype if dtype is not None else "auto", device_map={"": device})
+            directory, dtype=dtype if dtype is not None else "auto", device_map={"": device},
+            use_safetensors=True)
         attach_provenance(model, Path(directory))
         return model.eval()

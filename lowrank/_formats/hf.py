@@ -10,7 +10,6 @@ sit beside the weights; the write is atomic and leaves the model passed in untou
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,16 @@ from .checkpoint import (
     factored_layers,
     finish_assign,
     model_class,
+    read_hf_config,
+    read_tensors,
     saved_dtype,
     torch_dtype,
 )
+from .files import check_against, tensor_entries, weight_files
 from .hf_record import FORMAT_VERSION, QUANT_METHOD, check_record, replace_with_lowrank
 from .provenance import attach_provenance, provenance_of
 
 __all__ = ["HFExporter"]
-
-_SAFE_INDEX = "model.safetensors.index.json"
-_SAFE_SINGLE = "model.safetensors"
 
 
 class HFExporter(CheckpointExporter):
@@ -89,26 +88,25 @@ class HFExporter(CheckpointExporter):
 
     def load(self, directory: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:
         """Rebuild the architecture with empty parameters, swap in ``LowRankLinear`` per
-        ``rank_pattern``, assign the safetensors, tie weights. Independent of the quantizer hook."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, GenerationConfig
+        ``rank_pattern``, check the safetensors headers against it (shapes, ranks, dtypes, counts),
+        then assign the tensors and tie weights. Independent of the quantizer hook."""
+        from transformers import GenerationConfig
 
         path = Path(directory)
-        config = AutoConfig.from_pretrained(path)
+        config = read_hf_config(path)
         record = getattr(config, "quantization_config", None) or {}
         rank_pattern, dtype_pattern = check_record(record.to_dict() if hasattr(record, "to_dict") else record)
+        files = weight_files(path)
+        entries = tensor_entries(files)  # headers only: a truncated or corrupt file fails here
         dtype = torch_dtype(dtype)
         with empty_model_context(dtype or saved_dtype(config)):
             model = model_class(config)(config)
         replace_with_lowrank(model, rank_pattern, dtype_pattern)
+        check_against(model, entries, where=str(path), kept_dtypes=dtype_pattern)
 
-        if (path / _SAFE_INDEX).is_file():
-            files = sorted(set(json.loads((path / _SAFE_INDEX).read_text())["weight_map"].values()))
-        else:
-            files = [_SAFE_SINGLE]
         state: dict[str, Any] = {}
-        for name in files:
-            state.update(load_file(path / name, device=str(device)))
+        for file in files:
+            state.update(read_tensors(file, str(device)))
         if dtype is not None:  # cast what the checkpoint holds in the model's dtype
             kept = {f"{n}.{p}" for n in dtype_pattern for p in ("A", "B", "bias")}
             state = {k: v.to(dtype) if v.is_floating_point() and k not in kept else v for k, v in state.items()}

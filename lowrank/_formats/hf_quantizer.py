@@ -31,6 +31,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .files import check_against, tensor_entries
 from .hf_record import FORMAT_VERSION, QUANT_METHOD, check_record, replace_with_lowrank
 
 __all__ = ["LowRankConfig", "LowRankHfQuantizer", "register"]
@@ -69,8 +70,14 @@ class LowRankHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         check_record(self.quantization_config.to_dict())
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        replace_with_lowrank(model, *check_record(self.quantization_config.to_dict()))
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None,
+                                             **kwargs: Any) -> nn.Module:
+        rank_pattern, dtype_pattern = check_record(self.quantization_config.to_dict())
+        replace_with_lowrank(model, rank_pattern, dtype_pattern)
+        files = [f for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+        if files:  # the headers against the config, before transformers reads a tensor
+            where = os.path.dirname(str(files[0]))
+            check_against(model, tensor_entries(files), where=where, kept_dtypes=dtype_pattern)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -7,11 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .._contract.errors import LowrankError
+from .._contract.errors import CheckpointError, LowrankError
 from .._contract.recipe import RECIPE_FILE, Recipe
 from .._contract.report import REPORT_FILE, CompressionReport
 
 __all__ = ["read_config", "attach_provenance", "write_provenance", "provenance_of"]
+
+_MAX_CONFIG_BYTES = 16 << 20
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -19,12 +21,21 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     import json
 
     path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{str(directory)!r} is not a model directory: it does not exist (no config.json)")
     if not path.is_file():
-        raise LowrankError(f"{str(directory)!r} is not a model directory: it has no config.json")
+        raise CheckpointError(f"{str(directory)!r} is not a model directory: it has no config.json")
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes; not a model config")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise LowrankError(f"{path}: not valid JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte offset {err.start}); the checkpoint is damaged") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def attach_provenance(model: Any, directory: str | os.PathLike[str]) -> None:
@@ -34,8 +45,12 @@ def attach_provenance(model: Any, directory: str | os.PathLike[str]) -> None:
 
     directory = Path(directory)
     if (directory / REPORT_FILE).is_file():
-        data = json.loads((directory / REPORT_FILE).read_text(encoding="utf-8"))
-        model.lowrank_report = CompressionReport.from_dict(data)
+        try:
+            data = json.loads((directory / REPORT_FILE).read_text(encoding="utf-8"))
+            model.lowrank_report = CompressionReport.from_dict(data)
+        except Exception as err:  # noqa: BLE001 - provenance only: the weights are fine without it
+            warnings.warn(f"lowrank: loaded the model but not its {REPORT_FILE}, which cannot be read "
+                          f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=3)
     if (directory / RECIPE_FILE).is_file():
         try:
             model.lowrank_recipe = Recipe.load(directory / RECIPE_FILE)

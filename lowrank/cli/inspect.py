@@ -20,10 +20,7 @@ def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
 
     from ._common import open_model
 
-    try:
-        net, _tok, _dev = open_model(model, "cpu")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        raise click.ClickException(str(err)) from None
+    net, _tok, _dev = open_model(model, "cpu")
     rows = inspect_model(net)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
@@ -46,4 +43,4 @@ def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
         click.echo(f"{len(rows)} matrices, {total:,} parameters ({dense:,} dense; {1 - total / dense:.4f} removed)")
     if plot_file:
         plot_inspection(rows, plot_file, title=model)
-        click.echo(f"wrote {plot_file}", err=True)
+        click.echo(f"wrote {plot_file}", err=as_json)

@@ -16,22 +16,16 @@ def recipe_group() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Exit 0 and print a summary if FILE is a valid recipe; otherwise print the error, exit 2."""
-    from lowrank import LowrankError, Recipe
+    from lowrank import Recipe
 
-    try:
-        recipe = Recipe.load(file)
-    except LowrankError as err:
-        raise click.ClickException(str(err)) from None
+    recipe = Recipe.load(file)
     click.echo(f"valid: {recipe.summary()}")
 
 
 @recipe_group.command("show")
 @click.argument("file", type=click.Path(dir_okay=False))
 def show(file: str) -> None:
-    """Print FILE normalized, with every default filled in."""
-    from lowrank import LowrankError, Recipe
+    """Print FILE normalized, with every default filled in (exit 2 if it is not a valid recipe)."""
+    from lowrank import Recipe
 
-    try:
-        click.echo(Recipe.load(file).to_yaml(), nl=False)
-    except LowrankError as err:
-        raise click.ClickException(str(err)) from None
+    click.echo(Recipe.load(file).to_yaml(), nl=False)

@@ -222,11 +222,19 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)``.
+
+    Raises:
+        lowrank.CheckpointError: The directory's weights are not safetensors, are truncated or
+            corrupt, or do not match its ``config.json``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .._formats.checkpoint import check_plain_checkpoint
+
     folder = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    # files from others are data: safetensors only, headers checked against config.json first
+    check_plain_checkpoint(folder, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     model.to(device)  # type: ignore[arg-type]  # transformers' decorated .to confuses mypy
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._contract.model import max_positions
 from .._engine.losses import next_token_nll
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity", "check_context"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,17 @@ class PerplexityResult:
     tokens: int
     seconds: float
     finite: bool
+
+
+def check_context(model: nn.Module, windows: torch.Tensor, role: str) -> None:
+    """Refuse windows longer than the positions the model's config declares (before any forward)."""
+    limit = max_positions(model)
+    if limit is not None and windows.shape[-1] > limit:
+        raise ValueError(
+            f"{role} windows of {windows.shape[-1]} tokens are longer than the model's context of "
+            f"{limit} positions (its config's max_position_embeddings / n_positions); pass a "
+            f"sequence length of at most {limit} (--seqlen {limit})"
+        )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -73,7 +85,8 @@ def perplexity(
         A :class:`PerplexityResult`.
 
     Raises:
-        ValueError: ``windows`` is not 2-D with at least two tokens per window.
+        ValueError: ``windows`` is not 2-D with at least two tokens per window, or its windows
+            are longer than the model's context (``max_position_embeddings``).
     """
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise ValueError(
@@ -81,6 +94,7 @@ def perplexity(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_context(model, windows, "evaluation")
     run_on = torch.device(device) if device is not None else _model_device(model)
     progress_bar = None
     if progress:
