@@ -115,3 +115,24 @@ def test_two_defaults_of_one_kind_are_an_error(fresh_registry):
     pm.register(Plugin(), name="greedy")
     with pytest.raises(RegistryError, match="default scaling"):
         reset_registry(pm)
+
+
+def test_a_scaling_that_requires_an_unknown_statistic_is_refused(fresh_registry):
+    class Typo(lowrank.Scaling):
+        """Asks for a statistic nobody collects."""
+
+        name = "typo-scaling"
+        requires = frozenset({"abs_maen"})
+
+        def fit(self, weight, stats, rank=None):
+            return lowrank.Transform()
+
+    class Plugin:
+        @lowrank.hookimpl
+        def lowrank_register_scalings(self, register):
+            register(Typo)
+
+    pm = new_manager()
+    pm.register(Plugin(), name="typo")
+    with pytest.raises(RegistryError, match="abs_maen"):
+        reset_registry(pm)

@@ -24,6 +24,7 @@ from .errors import LowrankError, RecipeError
 from .recipe_file import parse_recipe_yaml, read_recipe_text
 from .registry import BASES, get_registry
 from .scaling import Scaling
+from .stats import STATISTICS
 from .strategy import Strategy
 
 __all__ = ["Recipe", "RECIPE_FILE", "FORMAT_VERSION"]
@@ -143,6 +144,11 @@ class Recipe:
         if not isinstance(self.scalings, Sequence) or not self.scalings:
             raise RecipeError(f"scalings: expected a non-empty list, got {self.scalings!r}")
         self.scalings = [_resolve("scaling", s, f"scalings[{i}]") for i, s in enumerate(self.scalings)]
+        for i, scaling in enumerate(self.scalings):
+            unknown = set(scaling.requires) - STATISTICS
+            if unknown:
+                raise RecipeError(f"scalings[{i}]: {scaling.name!r} requires {sorted(unknown)}, which the "
+                                  f"engine does not collect (known: {', '.join(sorted(STATISTICS))})")
         _check_unique(self.scalings)
         self.allocator = _resolve("allocator", self.allocator, "allocator")
         self.exporter = _resolve("exporter", self.exporter, "exporter")

@@ -26,6 +26,7 @@ from .correction import Correction
 from .errors import RegistryError
 from .exporter import Exporter
 from .scaling import Scaling
+from .stats import STATISTICS
 
 __all__ = ["Kind", "KINDS", "BASES", "PluginEntry", "Registry", "get_registry", "reset_registry",
            "new_manager", "DEFAULT_PLUGINS"]
@@ -110,6 +111,14 @@ class Registry:
                 raise RegistryError(
                     f"plugin {plugin!r}: {kind} {cls.__qualname__} has name {name!r}; names must be "
                     "kebab-case (lowercase letters, digits and single hyphens, e.g. 'my-scaling')"
+                )
+            declared = getattr(cls, "requires", ()) if kind == "scaling" else ()
+            # a class-level set is checked here; a property (settings-dependent) when a recipe is built
+            unknown = set(declared) - STATISTICS if isinstance(declared, (set, frozenset)) else set()
+            if unknown:
+                raise RegistryError(
+                    f"plugin {plugin!r}: scaling {name!r} requires {sorted(unknown)}, which the engine "
+                    f"does not collect; known statistics: {', '.join(sorted(STATISTICS))}"
                 )
             existing = self._entries[kind].get(name)
             if existing is not None and existing.cls is not cls:

@@ -13,6 +13,8 @@ REPORT_FILE = "lowrank_report.json"
 
 @dataclass
 class MatrixReport:
+    """What happened to one targeted matrix: its kept rank, parameters, errors and spectrum."""
+
     name: str
     block: int
     shape: tuple[int, int]
@@ -41,6 +43,9 @@ class MatrixReport:
 
 @dataclass
 class CompressionReport:
+    """The result of :func:`lowrank.compress`: every matrix's report, the totals, the time per
+    phase and the notes (fallbacks, gradient passes, how the SVDs were taken)."""
+
     recipe_name: str
     ratio_requested: float
     matrices: list[MatrixReport] = field(default_factory=list)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .austen import AUSTEN_NOVELS, austen_novel
 from .bundled import BUNDLED_MODELS, load_model, resolve_model
-from .perplexity import PerplexityResult, perplexity
+from .evaluation import PerplexityResult, perplexity
 from .text import load_text, text_source_names
 from .windows import calibration_windows, evaluation_windows, load_windows, needs_bos, tokenize_text
 
