@@ -109,3 +109,81 @@ def test_output_directory_exists_and_not_empty(tmp_path):
     assert result.exit_code != 0
     assert "exists and is not empty" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# -- rows of docs/bad-input.md through the Python API -----------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:7"])
+def test_explicit_device_that_is_not_there(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = build("llama")
+    snap = _snapshot(model)
+    with pytest.raises(lowrank.DeviceError, match=f"device '{device}' was asked for.*'auto', which picks CUDA"):
+        lowrank.compress(model, lowrank.Recipe(device=device), calibration(), progress=False)
+    with pytest.raises(lowrank.DeviceError):
+        lowrank.preflight(model, lowrank.Recipe(device=device))
+    with pytest.raises(lowrank.DeviceError):
+        lowrank.resolve_device(device)
+    assert _unchanged(model, snap)
+    assert lowrank.resolve_device("auto")[0].type == "cpu"  # only auto falls back
+
+
+def test_preflight_checks_everything_before_a_forward_pass():
+    model = build("llama")
+    targets = lowrank.preflight(model, lowrank.Recipe(targets=["q_proj"]), calibration())
+    assert [t.name for t in targets] == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    with pytest.raises(CompressionError, match="match no linear layer"):
+        lowrank.preflight(model, lowrank.Recipe(targets=["nothing"]))
+    with pytest.raises(CompressionError, match="token ids must lie in"):
+        lowrank.preflight(model, lowrank.Recipe(), calibration() + 1000)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[1, 2] = float("inf")
+    with pytest.raises(CompressionError, match="non-finite.*layers.0.mlp.down_proj"):
+        lowrank.preflight(model)
+
+
+def test_unsupported_architecture():
+    model = build("llama")
+    model.model.layers = torch.nn.Sequential(*model.model.layers)
+    with pytest.raises(CompressionError, match=r"unsupported architecture LlamaForCausalLM: .*nn.ModuleList of 3 "
+                                               r"modules .*found no nn.ModuleList at all"):
+        lowrank.compress(model, lowrank.Recipe(), calibration(), progress=False)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(CompressionError, match="unsupported architecture Sequential"):
+        lowrank.preflight(plain)
+
+
+def test_windows_longer_than_the_context():
+    from lowrank.data import perplexity
+
+    model = build("gpt2")  # 64 positions
+    with pytest.raises(CompressionError, match="windows of 65 tokens are longer than the model's context of 64"):
+        lowrank.compress(model, lowrank.Recipe(), calibration(2, 65), progress=False)
+    with pytest.raises(ValueError, match="evaluation windows of 80 tokens are longer than the model's context of 64"):
+        perplexity(model, calibration(1, 80), progress=False)
+
+
+def test_empty_calibration_source(tmp_path):
+    from bad_input_kit import byte_tokenizer
+
+    from lowrank.data import load_text, load_windows
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\t\n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_text(f"file:{empty}")
+    with pytest.raises(ValueError, match="is empty"):
+        load_windows(byte_tokenizer(), f"file:{empty}", "calibration", 4, 32)
+    with pytest.raises(CompressionError, match="at least one window"):
+        lowrank.compress(build("llama"), lowrank.Recipe(), torch.zeros(0, 32, dtype=torch.long), progress=False)
+
+
+def test_cuda_index_beyond_the_devices_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(lowrank.DeviceError, match=r"device 'cuda:3' was asked for, but this machine has 1 CUDA "
+                                                  r"device\(s\) \(cuda:0 to cuda:0\)"):
+        lowrank.resolve_device("cuda:3")
+    with pytest.raises(lowrank.DeviceError, match="expected auto, cpu, cuda, cuda:N or mps"):
+        lowrank.resolve_device("tpu")

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowrank._engine.svd import GRAM_MIN_RATIO, thin_svd
+from lowrank._engine.svd import GRAM_MIN_RATIO, needed_components, thin_svd
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 D = torch.float64
@@ -55,7 +55,8 @@ def test_ill_conditioned_matrices_fall_back_to_lapack(shape):
     w = _matrix(*shape, decay=0.5, seed=1)
     r = min(shape)
     assert thin_svd(w, r).method == "svd"
-    assert thin_svd(w, None).method == "svd"              # break-even rank is deep in the tail too
+    assert thin_svd(w, needed_components(shape, None)).method == "svd"  # break-even is deep in the tail
+    assert thin_svd(w).method == "svd"                     # every component asked for
     assert thin_svd(w, 3).method == "gram-eigh"           # only the leading components matter
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     exact = thin_svd(w, r)

@@ -28,6 +28,7 @@ from .factorize import scaled_svd_batch
 from .guard import Undo
 from .setup import RunSetup
 from .stats import StatsCollector
+from .svd import needed_components
 
 __all__ = ["BlockPass", "CollectedBlock", "MatrixProfile", "checked_allocation"]
 
@@ -118,7 +119,9 @@ class BlockPass:
             stats = [self._stats_for(t, block, index, inputs, collected) for t in targets]
             ranks = [plan[t.name].rank if plan is not None else setup.recipe.allocator.rank_hint(t.shape, setup.recipe.ratio)
                      for t in targets]
-            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks, setup.recipe.factorization)
+            accurate = [needed_components(t.shape, r) for t, r in zip(targets, ranks)]
+            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks, setup.recipe.factorization,
+                                    accurate)
             return [MatrixProfile(t, svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
                     for t, svd, st, w in zip(targets, svds, stats, weights)]
 

@@ -18,15 +18,21 @@ __all__ = ["scaled_svd", "scaled_svd_batch"]
 
 def scaled_svd(weight: torch.Tensor, stats: LayerStats, scalings: Sequence[Scaling],
                rank: int | None = None, method: str = "auto") -> ScaledSVD:
-    """Apply the scalings in order (each sees the previous one's output), then take the SVD."""
+    """Apply the scalings in order (each sees the previous one's output), then take the SVD.
+
+    ``rank`` is the rank that will be kept, when known (learned scalings optimise for it); every
+    component of the result is accurate (the engine itself asks only for the ones it can keep).
+    """
     return scaled_svd_batch([weight], [stats], scalings, [rank], method)[0]
 
 
 def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats], scalings: Sequence[Scaling],
-                     ranks: Sequence[int | None], method: str = "auto") -> list[ScaledSVD]:
+                     ranks: Sequence[int | None], method: str = "auto",
+                     accurate: Sequence[int | None] | None = None) -> list[ScaledSVD]:
     """``scaled_svd`` for several matrices of one block; each scaling fits them in one call.
 
-    ``method`` is the recipe's ``factorization`` (``auto`` or ``svd``; see ``svd.py``).
+    ``method`` is the recipe's ``factorization`` (``auto`` or ``svd``; see ``svd.py``);
+    ``accurate`` how many leading components of each must be accurate (default: all).
     """
     ws = list(weights)
     st = list(stats)
@@ -46,7 +52,7 @@ def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats
     for j, w in enumerate(ws):
         if not torch.isfinite(w).all():
             raise FloatingPointError("the scaled weight is not finite")
-        svd = thin_svd(w, ranks[j], method)
+        svd = thin_svd(w, None if accurate is None else accurate[j], method)
         out.append(ScaledSVD(svd.u, svd.s, svd.vh, transforms[j], notes[j] + svd.notes, diagnostics[j],
                              method=svd.method, seconds=svd.seconds))
     return out

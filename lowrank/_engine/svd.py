@@ -7,10 +7,11 @@ once, by one of two routes, and the report says which ran:
   W W^T (min(m, n) squared), in float64, then the other side's singular vectors by one product
   (u_i = W v_i / sigma_i). A symmetric eigensolver on the small side is several times faster than
   LAPACK's SVD of the full rectangle. Its error in component i is about eps64 (sigma_1 / sigma_i)^2
-  relative, so it is accepted only when every component that can matter has
-  sigma_i / sigma_1 >= ``GRAM_MIN_RATIO`` (1e-5: relative error below 1e-6). The components that
-  can matter are the kept ones when the rank is known before the SVD (uniform allocation), else
-  every component up to the break-even rank r* (a matrix that keeps more is stored dense).
+  relative, so it is accepted only when every component that must be accurate has
+  sigma_i / sigma_1 >= ``GRAM_MIN_RATIO`` (1e-5: relative error below 1e-6). The engine asks for
+  the kept components when the rank is known before the SVD (uniform allocation), else for every
+  component up to the break-even rank r* (a matrix that keeps more is stored dense); a caller that
+  asks for nothing in particular gets every component accurate.
 - ``svd`` (the exact route): LAPACK's SVD in float64 (gesdd, then gesvd if it fails to converge),
   for the matrices that fail that test: ill-conditioned in the range that matters, detected from
   the fast route's own spectrum, not guessed.
@@ -28,7 +29,7 @@ import torch
 
 from .._contract.accounting import breakeven_rank
 
-__all__ = ["ThinSVD", "thin_svd", "GRAM_MIN_RATIO"]
+__all__ = ["ThinSVD", "thin_svd", "needed_components", "GRAM_MIN_RATIO"]
 
 #: Smallest sigma_i / sigma_1 among the components that matter for which the Gram route is exact
 #: enough (relative error of sigma_i about eps64 / ratio^2 = 2e-6 at the threshold).
@@ -47,8 +48,9 @@ class ThinSVD:
     seconds: float = 0.0
 
 
-def _needed_components(shape: tuple[int, int], rank: int | None) -> int:
-    """How many leading components must be accurate: the kept ones, or up to break-even."""
+def needed_components(shape: tuple[int, int], rank: int | None) -> int:
+    """How many leading components a compression needs accurate: the kept ones when the rank is
+    known, else every one up to the break-even rank (a matrix that keeps more stays dense)."""
     full = min(shape)
     if rank is not None:
         return max(1, min(int(rank), full))
@@ -90,33 +92,34 @@ def _lapack_route(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         return u, s, vh, ["SVD fell back to the gesvd driver"]
 
 
-def thin_svd(w: torch.Tensor, rank: int | None = None, method: str = "auto") -> ThinSVD:
+def thin_svd(w: torch.Tensor, accurate: int | None = None, method: str = "auto") -> ThinSVD:
     """The thin SVD of ``w`` (float64), by the fast route when it is exact enough.
 
     Args:
         w: The (scaled) matrix, m x n, float64, finite.
-        rank: The rank that will be kept, when known before the SVD.
+        accurate: How many leading components must be accurate (None: all of them; see
+            :func:`needed_components`).
         method: ``auto`` (fast route with the accuracy check), ``gram-eigh`` (fast route, no
             check) or ``svd`` (LAPACK's SVD).
     """
     if method not in ("auto", "gram-eigh", "svd"):
         raise ValueError(f"method: expected auto, gram-eigh or svd, got {method!r}")
     start = time.perf_counter()
-    out = _thin_svd(w, rank, method)
+    out = _thin_svd(w, min(w.shape) if accurate is None else accurate, method)
     if w.is_cuda:
         torch.cuda.synchronize(w.device)
     out.seconds = time.perf_counter() - start
     return out
 
 
-def _thin_svd(w: torch.Tensor, rank: int | None, method: str) -> ThinSVD:
+def _thin_svd(w: torch.Tensor, accurate: int, method: str) -> ThinSVD:
     if method != "svd" and min(w.shape) > 0:
         try:
             u, s, vh = _gram_route(w)
         except RuntimeError:  # eigh failed to converge: the exact route below
             u = None
         if u is not None:
-            needed = _needed_components(tuple(w.shape), rank)
+            needed = max(1, min(int(accurate), min(w.shape)))
             top = float(s[0])
             if method == "gram-eigh" or top == 0.0 or float(s[needed - 1]) >= GRAM_MIN_RATIO * top:
                 return ThinSVD(u, s, vh, "gram-eigh")
