@@ -84,3 +84,22 @@ def test_defaults_come_from_the_registry():
     assert type(recipe.allocator) is registry.default("allocator")
     assert type(recipe.exporter) is registry.default("exporter")
     assert registry.default("correction") is None and recipe.corrections == []
+
+
+def test_out_of_memory_names_the_block_and_restores_the_model(monkeypatch):
+    from lowrank._engine.block_pass import BlockPass
+
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = BlockPass.collect
+
+    def collect(self, block, index, inputs, keep_outputs):
+        if index == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, block, index, inputs, keep_outputs)
+
+    monkeypatch.setattr(BlockPass, "collect", collect)
+    with pytest.raises(torch.OutOfMemoryError, match="block 2 of 3.*smaller batch_size"):
+        lowrank.compress(model, lowrank.Recipe(), calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, lowrank.LowRankLinear) for m in model.modules())

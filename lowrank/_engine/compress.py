@@ -36,7 +36,7 @@ from .capture import capture_block_inputs
 from .gradients import max_gpu_bytes, reset_gpu_peak
 from .guard import Undo
 from .planner import GlobalPlanner, gradient_statistics
-from .setup import RunSetup, on_device
+from .setup import RunSetup, naming_block, on_device
 
 __all__ = ["compress"]
 
@@ -65,7 +65,7 @@ class _CompressionPass:
         keep = original or setup.needs.block or bool(setup.recipe.corrections)
         for index in setup.bar("compressing"):
             start = time.perf_counter()
-            with on_device(setup.blocks[index], setup.device) as block:
+            with naming_block(index, len(setup.blocks)), on_device(setup.blocks[index], setup.device) as block:
                 collected = self.block_pass.collect(block, index, inputs, keep_outputs=keep)
                 profiles = self.block_pass.profile(block, index, inputs, collected, plan)
                 del collected.collector

@@ -23,7 +23,7 @@ from .block_pass import BlockPass, checked_allocation
 from .contexts import EngineModelContext, EngineRefineContext
 from .gradients import gradient_pass
 from .guard import Undo
-from .setup import GradientStats, RunSetup, model_on_device, on_device
+from .setup import GradientStats, RunSetup, model_on_device, naming_block, on_device
 
 __all__ = ["GlobalPlanner", "gradient_statistics", "note_gradient_pass"]
 
@@ -113,7 +113,7 @@ class GlobalPlanner:
         with setup.timer.phase("planning"):
             hidden = inputs.hidden
             for index in setup.bar("profiling"):
-                with on_device(setup.blocks[index], setup.device) as block:
+                with naming_block(index, len(setup.blocks)), on_device(setup.blocks[index], setup.device) as block:
                     collected = self.block_pass.collect(block, index, inputs, keep_outputs=True)
                     for p in self.block_pass.profile(block, index, inputs, collected, None):
                         spectra[p.target.name] = p.spectrum

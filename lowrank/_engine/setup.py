@@ -18,7 +18,7 @@ from .device import PhaseTimer, resolve_device
 from .discovery import find_blocks, find_targets
 from .guard import check_weights, validate_inputs
 
-__all__ = ["StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows",
+__all__ = ["naming_block", "StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows",
            "preflight"]
 
 
@@ -163,3 +163,16 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 def model_on_device(setup: RunSetup):
     """The whole model on the compute device (for a gradient pass), then back."""
     return on_device(setup.model, setup.device)
+
+
+@contextmanager
+def naming_block(index: int, count: int) -> Iterator[None]:
+    """An out-of-memory error says which block ran out and what to try (the model is restored by
+    the caller, as for any failure)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(
+            f"out of memory in block {index + 1} of {count}: {str(err).splitlines()[0] if str(err) else ''} "
+            "Try a smaller batch_size, inputs: original (no second pass per block), or device cpu."
+        ) from err
