@@ -107,7 +107,7 @@ def cmd_targets(a: argparse.Namespace) -> None:
                       f"factorization {t.get('factorization', 0):.1f}s ppl {row.get('perplexity', float('nan')):.3f}",
                       flush=True)
                 rows.append(row)
-    write(a.name, _store(a.name, "targets", rows))
+                write(a.name, _store(a.name, "targets", rows))   # after every run: a cut run keeps its rows
 
 
 def cmd_windows(a: argparse.Namespace) -> None:
