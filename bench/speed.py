@@ -140,7 +140,8 @@ def write(name: str, data: dict) -> None:
             t = r["timings"]
             lines.append(f"| {r['inputs']} | {r['ratio']:.1f} | {r['factorization']} | {r['windows']} | {t['total']:.1f} | "
                          f"{floor(t):.1f} | {t['total'] / floor(t):.3f} | {t.get('factorization', 0):.1f} | "
-                         f"{t.get('factorization', 0) / t['total']:.3f} | {r.get('perplexity', float('nan')):.3f} |")
+                         f"{t.get('factorization', 0) / t['total']:.3f} | "
+                         f"{format(r['perplexity'], '.3f') if 'perplexity' in r else 'not measured'} |")
         shapes: dict[tuple[str, str], list[float]] = {}
         for r in data["targets"]:
             for shape, v in r["per_shape"].items():
