@@ -70,10 +70,7 @@ class RunSetup:
     def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,
                progress: bool, gradient_data: torch.Tensor | None) -> "RunSetup":
         """Validate the inputs and find the blocks and targets (before anything changes)."""
-        device, notes = resolve_device(recipe.device)
-        prefix, blocks = find_blocks(model)
-        targets = find_targets(model, recipe.targets, recipe.ignore, blocks=(prefix, blocks))
-        validate_inputs(model, calibration)
+        device, notes, prefix, blocks, targets = _checked(model, recipe, calibration)
         report = CompressionReport(recipe.name, recipe.ratio, device=str(device), notes=list(notes))
         return cls(model, recipe, calibration, batch_size, progress, device, prefix, blocks, targets,
                    StatisticsNeeds.of(recipe), PhaseTimer(device), report, gradient_data)
@@ -126,14 +123,20 @@ def preflight(model: nn.Module, recipe: Recipe | None = None, calibration: torch
     recipe = recipe if recipe is not None else Recipe()
     if not isinstance(recipe, Recipe):
         raise CompressionError(f"recipe: expected a lowrank.Recipe, got {type(recipe).__name__}")
-    resolve_device(recipe.device)
+    return _checked(model, recipe, calibration)[4]
+
+
+def _checked(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None):
+    """The checks shared by :func:`preflight` and :meth:`RunSetup.create`, and what they found:
+    (device, notes, blocks' prefix, blocks, targets)."""
+    device, notes = resolve_device(recipe.device)
     prefix, blocks = find_blocks(model)
     targets = find_targets(model, recipe.targets, recipe.ignore, blocks=(prefix, blocks))
     if calibration is not None:
         validate_inputs(model, calibration)
     else:
         check_weights(model)
-    return targets
+    return device, notes, prefix, blocks, targets
 
 
 def recut_windows(calibration: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:

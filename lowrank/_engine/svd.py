@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._contract.accounting import breakeven_rank
+from .device import synchronize
 
 __all__ = ["ThinSVD", "thin_svd", "needed_components", "GRAM_MIN_RATIO"]
 
@@ -106,8 +107,7 @@ def thin_svd(w: torch.Tensor, accurate: int | None = None, method: str = "auto")
         raise ValueError(f"method: expected auto, gram-eigh or svd, got {method!r}")
     start = time.perf_counter()
     out = _thin_svd(w, min(w.shape) if accurate is None else accurate, method)
-    if w.is_cuda:
-        torch.cuda.synchronize(w.device)
+    synchronize(w.device)
     out.seconds = time.perf_counter() - start
     return out
 
