@@ -5,9 +5,12 @@
 Model SmolLM2-135M-Instruct in float32 (Gemma 3 270M with --model gemma3-270m, with BOS).
 Calibration: 128 windows of 512 tokens drawn with seed 3 from `emma` (tokenized once).
 Evaluation: `prideprejudice`, non-overlapping 512-token windows from token 0, the first 64.
-Gradients (strategies that score from the calibration loss, e.g. zero-sum): 1 window of 2048 tokens
-drawn with seed 3 from `emma` (ZS-SVD's published setting), passed as `gradient_data`; scalings
-that collect gradient statistics (fwsvd) use the calibration windows instead.
+Gradients (strategies that score from the calibration loss, e.g. zero-sum): the first calibration
+window (512 tokens), as the official ZS-SVD code takes it, passed as `gradient_data`
+(`--grad-offsets 0 1 2` repeats each run with calibration windows 0, 1 and 2: one gradient window
+is a lottery, so stochastic results are reported over several); scalings that collect gradient
+statistics (fwsvd) use the calibration windows instead. `--grad-seqlen 2048` draws a separate
+window of that length from `emma` instead (the setting of earlier results files).
 Each (recipe, ratio) runs in a fresh subprocess, so its peak resident memory is its own.
 
 A recipe is `SCALING[+SCALING...][/ALLOCATOR]` (e.g. `whitening`, `asvd+whitening/energy`) or the
@@ -30,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 PROTOCOL = {"calib_text": "austen:emma", "calib_windows": 128, "seqlen": 512, "seed": 3,
             "eval_text": "austen:prideprejudice", "eval_windows": 64,
-            "grad_windows": 1, "grad_seqlen": 2048}
+            "grad_windows": 1, "grad_seqlen": 512, "grad_offset": 0}
 
 
 class RSSPeak:
@@ -107,7 +110,9 @@ def windows(model_name: str, tokenizer, protocol: dict):
 
     WORK.mkdir(exist_ok=True)
     calib_seqlen = protocol.get("calib_seqlen", protocol["seqlen"])
-    key = f"{model_name}-{protocol['calib_windows']}-{protocol['eval_windows']}-{protocol['seqlen']}.pt"
+    # v2: every start drawn in one randint call (the protocol's windows; earlier files drew one at a time)
+    key = (f"{model_name}-{protocol['calib_windows']}-{protocol['eval_windows']}-{protocol['seqlen']}"
+           f"-{protocol['eval_text'].split(':')[-1]}-v2.pt")
     if calib_seqlen != protocol["seqlen"]:
         key = key.replace(".pt", f"-c{calib_seqlen}.pt")
     path = WORK / key
@@ -120,8 +125,9 @@ def windows(model_name: str, tokenizer, protocol: dict):
     return calib, evaluation
 
 
-def gradient_windows(model_name: str, tokenizer, protocol: dict):
-    """The gradient windows of the protocol (from the calibration text, same seed), cached."""
+def gradient_windows(model_name: str, tokenizer, protocol: dict, calib):
+    """The gradient windows: calibration windows ``grad_offset`` onwards when they have the
+    calibration's length (ZS-SVD's official code), else a separate draw from the calibration text."""
     import torch
 
     from lowrank.data import load_windows
@@ -129,6 +135,9 @@ def gradient_windows(model_name: str, tokenizer, protocol: dict):
     n, length = protocol.get("grad_windows", 0), protocol.get("grad_seqlen", 0)
     if not n or not length:
         return None
+    if length == calib.shape[1]:
+        offset = protocol.get("grad_offset", 0)
+        return calib[offset:offset + n]
     WORK.mkdir(exist_ok=True)
     path = WORK / f"{model_name}-grad-{n}x{length}-s{protocol['seed']}.pt"
     if path.exists():
@@ -151,14 +160,15 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
     load_s = time.perf_counter() - t0
     calib, evaluation = windows(model_name, tokenizer, protocol)
     dev, _ = resolve_device(device)
-    row: dict = {"model": model_name, "recipe": spec or "dense", "ratio": ratio or 0.0, "load_seconds": load_s}
+    row: dict = {"model": model_name, "recipe": spec or "dense", "ratio": ratio or 0.0, "load_seconds": load_s,
+                 "grad_offset": protocol.get("grad_offset", 0), "eval_text": protocol["eval_text"]}
     if spec is not None:
         recipe = make_recipe(spec, ratio, device)
         if dev.type == "cuda":
             model.to(dev)
         # gradient statistics of a scaling (fwsvd) come from the calibration windows
         grad_stats = any(s.requires & {"grad_row_sq", "grad_col_sq"} for s in recipe.scalings)
-        grad = None if grad_stats else gradient_windows(model_name, tokenizer, protocol)
+        grad = None if grad_stats else gradient_windows(model_name, tokenizer, protocol, calib)
         with RSSPeak() as rss:
             report = lowrank.compress(model, recipe, calib, batch_size=8, progress=False, gradient_data=grad)
         row.update(ratio_achieved=report.ratio_achieved, target_params=report.target_params_after,
@@ -197,18 +207,37 @@ def write_results(rows: list[dict], name: str, info: dict, protocol: dict) -> No
              "Times in seconds, model load and evaluation excluded. floor = one forward pass of the calibration "
              "set through the uncompressed blocks + the factorizations; next-input = the extra pass through each "
              "compressed block that sequential inputs need. Peak RSS covers the whole process (load and evaluation included).", "",
-             "| recipe | ratio | achieved | perplexity | target params | model params | dense kept | compress s | forward s | stats s | factor s | next-input s | total / floor | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| recipe | ratio | grad window | achieved | perplexity | target params | model params | dense kept | compress s | forward s | stats s | factor s | next-input s | total / floor | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("timings", {})
         lines.append(
-            f"| {r['recipe']} | {r['ratio']:.2f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.3f}"
+            f"| {r['recipe']} | {r['ratio']:.2f} | {r.get('grad_offset', 0)} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.3f}"
             f"{'' if r['finite'] else ' (not finite)'} | {r.get('target_params', r.get('target_params_before', 0)):,} | "
             f"{r['model_params']:,} | {r.get('dense_matrices', '')} | {t.get('total', 0):.1f} | {t.get('forward', 0):.1f} | "
             f"{t.get('statistics', 0):.1f} | {t.get('factorization', 0):.1f} | {t.get('forward_next', 0):.1f} | "
             f"{t.get('total', 0) / floor_seconds(t) if floor_seconds(t) else 0:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += _spread_lines(rows)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / f"{name}.png", name)
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, float], list[float]]:
+    groups: dict[tuple[str, float], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["recipe"], r["ratio"]), []).append(r["perplexity"])
+    return groups
+
+
+def _spread_lines(rows: list[dict]) -> list[str]:
+    """Mean, min and max over the gradient windows of each (recipe, ratio) run more than once."""
+    many = {k: v for k, v in _groups(rows).items() if len(v) > 1}
+    if not many:
+        return []
+    lines = ["", "Over gradient windows:", "", "| recipe | ratio | runs | mean | min | max |", "|---|---|---|---|---|---|"]
+    for (spec, ratio), v in many.items():
+        lines.append(f"| {spec} | {ratio:.2f} | {len(v)} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (prideprejudice, 64 x 512)") -> None:
@@ -220,8 +249,11 @@ def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (pr
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = [r for r in rows if r["recipe"] == "dense"]
     for spec in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "dense"):
-        pts = sorted((r["ratio"], r["perplexity"]) for r in rows if r["recipe"] == spec)
-        ax.plot(*zip(*pts), marker="o", label=spec)
+        pts = sorted((ratio, v) for (name, ratio), v in _groups(rows).items() if name == spec)
+        xs = [x for x, _ in pts]
+        means = [sum(v) / len(v) for _, v in pts]
+        spread = [[m - min(v) for m, (_, v) in zip(means, pts)], [max(v) - m for m, (_, v) in zip(means, pts)]]
+        ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=spec)
     if dense:
         ax.axhline(dense[0]["perplexity"], color="k", ls="--", lw=1, label=f"dense {dense[0]['perplexity']:.2f}")
     ax.set_yscale("log")
@@ -248,11 +280,16 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=PROTOCOL["seqlen"], help="(protocol: 512)")
     p.add_argument("--grad-windows", type=int, default=PROTOCOL["grad_windows"],
                    help="gradient windows (protocol: 1; 0: strategies re-cut the calibration windows)")
-    p.add_argument("--grad-seqlen", type=int, default=PROTOCOL["grad_seqlen"], help="(protocol: 2048)")
+    p.add_argument("--grad-seqlen", type=int, default=PROTOCOL["grad_seqlen"],
+                   help="(protocol: 512, i.e. calibration windows; another length draws separate windows)")
+    p.add_argument("--grad-offsets", nargs="+", type=int, default=[0],
+                   help="first calibration window of the gradient windows; several: one run each")
+    p.add_argument("--eval-text", default=PROTOCOL["eval_text"], help="(protocol: austen:prideprejudice)")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "RATIO"), help=argparse.SUPPRESS)
     args = p.parse_args()
     protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
-                "grad_windows": args.grad_windows, "grad_seqlen": args.grad_seqlen}
+                "grad_windows": args.grad_windows, "grad_seqlen": args.grad_seqlen,
+                "grad_offset": args.grad_offsets[0], "eval_text": args.eval_text}
     if args.calib_seqlen != PROTOCOL["seqlen"]:
         protocol["calib_seqlen"] = args.calib_seqlen
     if args.model.startswith("gemma"):
@@ -263,13 +300,15 @@ def main() -> None:
         print("RESULT " + json.dumps(row), flush=True)
         return
     name = args.name or f"{args.model}-{'-'.join(r.replace('/', '_').replace('+', '_') for r in args.recipes)}"
-    jobs = ([] if args.no_dense else [("dense", 0.0)]) + [(r, x) for r in args.recipes for x in args.ratios]
+    jobs = ([] if args.no_dense else [("dense", 0.0, 0)]) + [
+        (r, x, o) for r in args.recipes for x in args.ratios for o in args.grad_offsets]
     rows = []
-    for spec, ratio in jobs:
+    for spec, ratio, offset in jobs:
         cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--calib-windows",
                str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--calib-seqlen",
                str(args.calib_seqlen), "--grad-windows", str(args.grad_windows), "--grad-seqlen",
-               str(args.grad_seqlen), "--one", spec, str(ratio)]
+               str(args.grad_seqlen), "--grad-offsets", str(offset), "--eval-text", args.eval_text,
+               "--one", spec, str(ratio)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -277,7 +316,7 @@ def main() -> None:
             continue
         row = json.loads(line[0][7:])
         rows.append(row)
-        print(f"{spec:>28} @ {ratio:.2f}: ppl {row['perplexity']:.3f}  compress {row.get('timings', {}).get('total', 0):.1f}s  "
+        print(f"{spec:>28} @ {ratio:.2f} (gradient window {offset}): ppl {row['perplexity']:.3f}  compress {row.get('timings', {}).get('total', 0):.1f}s  "
               f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
         write_results(rows, name, machine(), protocol)
 

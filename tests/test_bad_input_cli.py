@@ -273,6 +273,6 @@ def test_calibration_source_too_short_or_unknown(saved, tmp_path, monkeypatch):
     short.write_text("too short")
     _no_forward_pass(monkeypatch)
     result = _compress({**saved, "text": short}, tmp_path / "out")
-    assert result.exit_code == 2 and "calibration windows of 32 tokens need at least 33" in result.stderr
+    assert result.exit_code == 2 and "calibration windows of 32 tokens need at least 32" in result.stderr
     result = cli("compress", saved["plain"], "--calib", "nowhere:x", "--out", tmp_path / "out")
     assert result.exit_code == 2 and "unknown text source 'nowhere:x'" in result.stderr

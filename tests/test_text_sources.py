@@ -55,11 +55,20 @@ def test_calibration_windows_deterministic_and_in_range() -> None:
     assert not torch.equal(a, calibration_windows(tokens, 8, 64, seed=4))
     # tokens == positions, so each row must be a contiguous slice starting in range.
     assert torch.all(a[:, 1:] - a[:, :-1] == 1)
-    assert int(a[:, 0].min()) >= 0 and int(a[:, 0].max()) < 1000 - 64
-    # The SVD-LLM recipe: one randint(0, len - seqlen) per window from a seeded generator.
+    assert int(a[:, 0].min()) >= 0 and int(a[:, 0].max()) <= 1000 - 64
+    # The protocol: every start in one randint(0, len - seqlen + 1, (n,)) call.
     gen = torch.Generator().manual_seed(3)
-    expected = [int(torch.randint(0, 1000 - 64, (1,), generator=gen)) for _ in range(8)]
-    assert a[:, 0].tolist() == expected
+    assert a[:, 0].tolist() == torch.randint(0, 1000 - 64 + 1, (8,), generator=gen).tolist()
+
+
+def test_calibration_starts_are_the_protocols() -> None:
+    """AUSTEN-512: 128 windows of 512 from emma's 207,220 SmolLM2 tokens, seed 3 (testbed.md)."""
+    windows = calibration_windows(torch.arange(207_220), 128, 512, seed=3)
+    assert windows[:4, 0].tolist() == [81190, 105527, 162220, 68199]
+
+
+def test_the_last_full_window_can_be_drawn() -> None:
+    assert calibration_windows(torch.arange(10), 3, 10, seed=0)[:, 0].tolist() == [0, 0, 0]
 
 
 def test_evaluation_windows_non_overlapping_from_zero() -> None:
@@ -99,7 +108,7 @@ def test_too_short_text_raises_with_counts() -> None:
         evaluation_windows(tokens, 64, 1)
     with pytest.raises(ValueError, match=r"has 50 tokens.*need 256"):
         evaluation_windows(tokens, 64, 4)
-    with pytest.raises(ValueError, match=r"has 50 tokens.*need at least 65"):
+    with pytest.raises(ValueError, match=r"has 50 tokens.*need at least 64"):
         calibration_windows(tokens, 2, 64, seed=0)
 
 

@@ -234,3 +234,32 @@ def test_an_unreachable_ratio_with_a_rank_floor_is_an_error():
     spectra = [MatrixSpectrum("a", (10, 10), torch.ones(10, dtype=D), torch.zeros(10, dtype=D))]
     with pytest.raises(lowrank.CompressionError, match="keep_rank_ratio"):
         ZeroSum(keep_rank_ratio=1.0).allocate(spectra, lowrank.Budget(0.9, 100))
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_original_inputs_truncate_exactly_the_scored_svds(stages, monkeypatch):
+    """With inputs: original the compression pass applies the plan to the planner's own SVDs (no
+    second profiling pass); the factors equal those of a run that profiles again."""
+    from lowrank._engine import planner as planner_module
+
+    original = build("llama")
+    settings = {"gradient_seqlen": 64, "correction_seqlen": 64, "stages": stages}
+    recipe = lowrank.Recipe(allocator={"zero-sum": settings}, ratio=0.4, inputs="original")
+    reused, profiled = copy.deepcopy(original), copy.deepcopy(original)
+    report = lowrank.compress(reused, recipe, calibration(8, 32), progress=False)
+    assert any("truncated the SVDs the allocator scored in 3 block(s)" in n for n in report.notes)
+    monkeypatch.setattr(planner_module.MatrixProfile, "kept_on_host", lambda self, shared: None)
+    lowrank.compress(profiled, recipe, calibration(8, 32), progress=False)
+    ranks = 0
+    for (name, a), (_, b) in zip(reused.named_modules(), profiled.named_modules()):
+        if isinstance(a, lowrank.LowRankLinear):
+            ranks += 1
+            assert a.rank == b.rank, name
+            torch.testing.assert_close(a.A @ a.B, b.A @ b.B, rtol=1e-5, atol=1e-6)
+    assert ranks > 0
+
+
+def test_sequential_inputs_profile_again():
+    recipe = lowrank.Recipe(allocator={"zero-sum": {"gradient_seqlen": 64}}, ratio=0.4)
+    report = lowrank.compress(build("llama"), recipe, calibration(8, 32), progress=False)
+    assert not any("truncated the SVDs the allocator scored" in n for n in report.notes)

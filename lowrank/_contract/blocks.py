@@ -18,10 +18,15 @@ class BlockInputs:
         hidden: One hidden-state tensor per calibration batch, entering the current block.
         extra: ``extra[shape][i]`` holds block i's (args, kwargs) for batches of that shape; masks
             and rotary tables depend only on the batch shape when there is no padding.
+        reference: The uncompressed model's hidden states entering the current block, when the run
+            carries them beside the compressed ones (sequential inputs with a compensated target
+            or a correction that needs them); None otherwise. Batches that have not diverged yet
+            are the very same tensors as in ``hidden``.
     """
 
     hidden: list[torch.Tensor]
     extra: dict[tuple[int, int], dict[int, tuple[tuple, dict]]]
+    reference: list[torch.Tensor] | None = None
 
     def args_for(self, block: int, batch: torch.Tensor) -> tuple[tuple, dict]:
         """Block ``block``'s extra (args, kwargs) for a batch shaped like ``batch``."""

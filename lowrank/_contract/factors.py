@@ -57,6 +57,16 @@ class ScaledSVD:
         return ScaledSVD(move(self.u), move(self.s), move(self.vh), transforms, list(self.notes),
                          dict(self.diagnostics), self.method, self.seconds)
 
+    def leading(self, k: int) -> "ScaledSVD":
+        """A view that keeps the singular vectors of the first ``k`` components only (``s`` stays
+        complete, so ``spectrum_error`` is unchanged): what a plan that keeps at most ``k`` needs."""
+        return dataclasses.replace(self, u=self.u[:, :k], vh=self.vh[:k])
+
+    @property
+    def stored_components(self) -> int:
+        """How many components have their singular vectors here (see ``leading``)."""
+        return int(self.u.shape[1])
+
     def spectrum_error(self, selection: Selection) -> float:
         """Relative truncation error in the scaled Frobenius norm (exact, from the spectrum)."""
         kept = torch.zeros_like(self.s)

@@ -6,6 +6,7 @@ class; it holds no state of its own beyond the run's :class:`~lowrank._engine.se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._contract.accounting import breakeven_rank
 from .._contract.allocator import Allocator
 from .._contract.blocks import BlockContext, BlockInputs, run_block
 from .._contract.diagnostics import effective_rank, participation_ratio
@@ -23,6 +25,7 @@ from .._contract.model import Target, weight_of
 from .._contract.report import MatrixReport
 from .._contract.spectrum import Budget, MatrixSpectrum, Selection
 from .._contract.stats import LayerStats
+from .compensation import CrossCollector, compensated_weight
 from .device import STORAGE_DTYPES
 from .factorize import scaled_svd_batch
 from .guard import Undo
@@ -35,10 +38,20 @@ __all__ = ["BlockPass", "CollectedBlock", "MatrixProfile", "checked_allocation"]
 
 @dataclass
 class CollectedBlock:
-    """A block's statistics, and its outputs on the calibration batches when they were kept."""
+    """A block's statistics, and its outputs on the calibration batches when they were kept.
+
+    Attributes:
+        collector: The statistics of the block's inputs (the compressed stream's, when sequential).
+        outputs: The uncompressed block's outputs on ``inputs.hidden``, when kept.
+        reference_outputs: The uncompressed block's outputs on ``inputs.reference`` (the original
+            model's next hidden states), when the run carries the reference stream.
+        cross: The cross-covariance of original and compressed inputs (compensated target).
+    """
 
     collector: StatsCollector
     outputs: list[torch.Tensor] | None
+    reference_outputs: list[torch.Tensor] | None = None
+    cross: CrossCollector | None = None
 
 
 @dataclass
@@ -50,6 +63,28 @@ class MatrixProfile:
     stats: LayerStats
     weight: torch.Tensor          # out x in, float64, on the compute device
     spectrum: MatrixSpectrum
+
+    def kept_on_host(self, shared: dict[int, LayerStats]) -> "MatrixProfile":
+        """A CPU copy that waits for the compression pass: singular vectors up to the break-even
+        rank only (a plan that keeps more leaves the matrix dense), the Gram matrix in float32 for
+        the activation error (one copy per shared input, through ``shared``), no weight."""
+        stats = shared.get(id(self.stats.gram))
+        if stats is None:
+            stats = shared[id(self.stats.gram)] = LayerStats(self.stats.gram.to("cpu", torch.float32), self.stats.n_tokens)
+        svd = self.svd.leading(breakeven_rank(*self.target.shape)).to("cpu")
+        return MatrixProfile(self.target, svd, stats, torch.empty(0), self.spectrum)
+
+    def restored(self, block: nn.Module, device: torch.device) -> "MatrixProfile":
+        """Back on ``device`` with the layer's current weight, ready for ``BlockPass.apply``."""
+        weight = weight_of(block.get_submodule(self.target.local)).detach().to(device, torch.float64)
+        stats = LayerStats(self.stats.gram.to(device, torch.float64), self.stats.n_tokens)
+        return MatrixProfile(self.target, self.svd.to(device), stats, weight, self.spectrum)
+
+    def covers(self, selection: Selection) -> bool:
+        """Whether the stored singular vectors include every component ``selection`` keeps."""
+        if selection.stays_dense(self.target.shape) or not selection.indices:
+            return True
+        return max(selection.indices) < self.svd.stored_components
 
 
 def checked_allocation(setup: RunSetup, spectra: list[MatrixSpectrum],
@@ -75,22 +110,45 @@ class BlockPass:
     def __init__(self, setup: RunSetup) -> None:
         self.setup = setup
 
-    def collect(self, block: nn.Module, index: int, inputs: BlockInputs, keep_outputs: bool) -> CollectedBlock:
-        """Run the calibration batches through ``block`` with statistics hooks on its targets."""
+    def collect(self, block: nn.Module, index: int, inputs: BlockInputs, keep_outputs: bool,
+                statistics: bool = True) -> CollectedBlock:
+        """Run the calibration batches through ``block`` with statistics hooks on its targets
+        (without them when ``statistics`` is False: only the outputs are wanted)."""
         setup = self.setup
         collector = StatsCollector(want_abs_mean=setup.needs.abs_mean, want_inputs=setup.needs.inputs)
-        modules = {t.name: block.get_submodule(t.local) for t in setup.targets_of(index)}
+        targets = setup.targets_of(index) if statistics else []
+        modules = {t.name: block.get_submodule(t.local) for t in targets}
         outputs: list[torch.Tensor] | None = [] if keep_outputs else None
-        collector.seconds = 0.0
-        with setup.timer.phase("forward"), torch.no_grad(), collector.attached(modules):
-            for hidden in inputs.hidden:
+        reference = inputs.reference if setup.needs.reference else None
+        diverged = reference is not None and any(r is not h for r, h in zip(reference, inputs.hidden))
+        cross = CrossCollector() if setup.needs.cross and diverged and statistics else None
+        reference_outputs: list[torch.Tensor] | None = [] if diverged else None
+        reference_seconds = 0.0
+        with setup.timer.phase("forward"), torch.no_grad(), collector.attached(modules), \
+                (cross.attached(modules) if cross is not None else contextlib.nullcontext()):
+            for b, hidden in enumerate(inputs.hidden):
+                if reference_outputs is not None:   # the original stream first: the cross hooks keep its inputs
+                    started = time.perf_counter() - (cross.seconds if cross is not None else 0.0)
+                    collector.paused = True
+                    if cross is not None:
+                        cross.recording = True
+                    reference_outputs.append(run_block(block, reference[b], *inputs.args_for(index, hidden)))  # type: ignore[index]
+                    collector.paused = False
+                    if cross is not None:
+                        cross.recording = False
+                    # the recording hooks' time counts as statistics, not as this pass
+                    reference_seconds += time.perf_counter() - started - (cross.seconds if cross is not None else 0.0)
                 collector.next_batch()
                 out = run_block(block, hidden, *inputs.args_for(index, hidden))
                 if outputs is not None:
                     outputs.append(out)
-        setup.timer.add("forward", -collector.seconds)   # the hooks' time is statistics, not forward
-        setup.timer.add("statistics", collector.seconds)
-        return CollectedBlock(collector, outputs)
+        hooks = collector.seconds + (cross.seconds if cross is not None else 0.0)
+        setup.timer.add("forward", -hooks - reference_seconds)   # the hooks' time is statistics, not forward
+        setup.timer.add("statistics", hooks)
+        setup.timer.add("forward_reference", reference_seconds)
+        if reference is not None and not diverged:
+            reference_outputs = outputs   # nothing compressed upstream yet: one stream
+        return CollectedBlock(collector, outputs, reference_outputs, cross)
 
     def _stats_for(self, target: Target, block: nn.Module, index: int, inputs: BlockInputs,
                    collected: CollectedBlock) -> LayerStats:
@@ -120,10 +178,27 @@ class BlockPass:
             ranks = [plan[t.name].rank if plan is not None else setup.recipe.allocator.rank_hint(t.shape, setup.recipe.ratio)
                      for t in targets]
             accurate = [needed_components(t.shape, r) for t, r in zip(targets, ranks)]
-            svds = scaled_svd_batch(weights, stats, setup.recipe.scalings, ranks, setup.recipe.factorization,
+            goals, notes = self._targets_to_fit(targets, weights, stats, collected)
+            svds = scaled_svd_batch(goals, stats, setup.recipe.scalings, ranks, setup.recipe.factorization,
                                     accurate)
+            for svd, note in zip(svds, notes):
+                svd.notes.extend(note)
             return [MatrixProfile(t, svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
                     for t, svd, st, w in zip(targets, svds, stats, weights)]
+
+    @staticmethod
+    def _targets_to_fit(targets: list[Target], weights: list[torch.Tensor], stats: list[LayerStats],
+                        collected: CollectedBlock) -> tuple[list[torch.Tensor], list[list[str]]]:
+        """The matrices to factor: each weight, or its compensated target W* when the run has one."""
+        if collected.cross is None:
+            return weights, [[] for _ in weights]
+        goals, notes = [], []
+        for t, w, st in zip(targets, weights, stats):
+            cross = collected.cross.cross(t.name)
+            goal, note = (w, None) if cross is None else compensated_weight(w, cross, st.gram)
+            goals.append(goal)
+            notes.append([note] if note else [])
+        return goals, notes
 
     def apply(self, block: nn.Module, profiles: list[MatrixProfile], selections: dict[str, Selection],
               undo: Undo) -> list[MatrixReport]:

@@ -30,15 +30,17 @@ class PhaseTimer:
 
     ``forward`` is one pass of the calibration set through the uncompressed blocks (``statistics``
     is the time inside the hooks, taken out of it); ``forward_next`` is the extra pass through each
-    compressed block that sequential inputs need; ``planning`` is the profiling and gradient work of
+    compressed block that sequential inputs need; ``forward_reference`` the pass through each
+    uncompressed block that carries the original model's hidden states beside them (compensated
+    target, corrections that need the reference); ``planning`` is the profiling and gradient work of
     global allocators (``gradients`` the gradient passes alone); ``corrections`` the time in
     corrections after truncation.
     """
 
     device: torch.device
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("capture", "forward", "statistics", "factorization", "forward_next", "planning", "gradients",
-         "corrections"), 0.0))
+        ("capture", "forward", "statistics", "factorization", "forward_next", "forward_reference", "planning",
+         "gradients", "corrections"), 0.0))
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

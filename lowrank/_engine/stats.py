@@ -12,7 +12,37 @@ from torch import nn
 
 from .._contract.stats import LayerStats
 
-__all__ = ["StatsCollector"]
+__all__ = ["StatsCollector", "add_gram"]
+
+#: Row-panel height of the Gram update for wide inputs (see ``add_gram``).
+GRAM_PANEL = 256
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += x.T @ x``, written to the upper triangle only when the input is wide.
+
+    A full GEMM computes every off-diagonal entry twice. For inputs of 1024 features or more
+    (``down_proj``: 1536 on SmolLM2, 14336 on Llama-3-8B) the update runs in row panels that stop
+    at the diagonal, which does about ``(1 + 1/p) / 2`` of the work for ``p`` panels (measured 25-33 %
+    less time on 2 CPU cores at 1536); narrower inputs keep the single GEMM, where the smaller
+    panels cost more than they save. The lower triangle is then stale: read the result through
+    ``symmetrized``.
+    """
+    n = x.shape[1]
+    if n < 4 * GRAM_PANEL or x.is_cuda:
+        gram.addmm_(x.T, x)
+        return
+    for start in range(0, n, GRAM_PANEL):
+        stop = min(start + GRAM_PANEL, n)
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+
+
+def symmetrized(gram: torch.Tensor, upper_only: bool) -> torch.Tensor:
+    """The full symmetric matrix from ``add_gram``'s sums (upper triangle only when wide)."""
+    if upper_only:
+        upper = gram.triu()
+        return upper + upper.triu(1).T
+    return 0.5 * (gram + gram.T)
 
 
 @dataclass
@@ -37,6 +67,7 @@ class StatsCollector:
     want_abs_mean: bool = False
     want_inputs: bool = False
     seconds: float = 0.0
+    paused: bool = False   # set while the block runs on the original stream (compensated target)
     _acc: dict[str, _Accumulator] = field(default_factory=dict)
     _alias: dict[str, str] = field(default_factory=dict)
     _seen: dict[tuple, tuple[torch.Tensor, str]] = field(default_factory=dict)
@@ -54,7 +85,7 @@ class StatsCollector:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            if name in self._alias:
+            if self.paused or name in self._alias:
                 return
             start = time.perf_counter()
             x = args[0].detach()
@@ -77,7 +108,7 @@ class StatsCollector:
                     [] if self.want_inputs else None,
                 )
                 self._acc[name] = acc
-            acc.gram.addmm_(x.T, x)
+            add_gram(acc.gram, x)
             if acc.abs_sum is not None:
                 acc.abs_sum.add_(x.abs().sum(0))
             if acc.inputs is not None:
@@ -102,9 +133,10 @@ class StatsCollector:
         """The layer's statistics in float64 (the factorization precision); shared when the input is."""
         acc = self._acc[self._alias.get(name, name)]
         if acc.stats is None:
-            gram = acc.gram.to(torch.float64)
+            wide = acc.gram.shape[0] >= 4 * GRAM_PANEL and not acc.gram.is_cuda
+            gram = symmetrized(acc.gram.to(torch.float64), wide)
             abs_mean = None if acc.abs_sum is None else acc.abs_sum.to(torch.float64) / max(acc.n_tokens, 1)
             inputs = None if acc.inputs is None else torch.cat(acc.inputs)
-            acc.stats = LayerStats(0.5 * (gram + gram.T), acc.n_tokens, abs_mean, inputs)
+            acc.stats = LayerStats(gram, acc.n_tokens, abs_mean, inputs)
             acc.gram = acc.gram.new_empty(0)  # the float64 copy is the one kept
         return acc.stats

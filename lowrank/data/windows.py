@@ -118,9 +118,10 @@ def calibration_windows(
 ) -> torch.Tensor:
     """Draw ``n`` windows at uniformly random start positions.
 
-    Follows SVD-LLM / ZS-SVD: one ``randint(0, len - seqlen)`` per window from a
-    generator seeded with ``seed``, so the same seed gives the same windows everywhere.
-    Windows may overlap.
+    Follows SVD-LLM / ZS-SVD and the AUSTEN-512 protocol: every start drawn in one call,
+    ``torch.randint(0, len - seqlen + 1, (n,), generator=torch.Generator().manual_seed(seed))``
+    (the same starts as ``torch.manual_seed(seed)`` then ``torch.randint``), so the same seed
+    gives the same windows as the official code. Windows may overlap.
 
     Args:
         tokens: 1-D token stream.
@@ -138,14 +139,14 @@ def calibration_windows(
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     body, width = _body(tokens, seqlen, bos_id)
-    high = body.numel() - width
+    high = body.numel() - width + 1   # exclusive bound: the last full window may be drawn
     if high < 1:
         raise ValueError(
             f"text has {body.numel()} tokens; calibration windows of {seqlen} tokens "
-            f"need at least {width + 1}"
+            f"need at least {width}"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = [int(torch.randint(0, high, (1,), generator=generator)) for _ in range(n)]
+    starts = torch.randint(0, high, (n,), generator=generator).tolist()
     windows = torch.stack([body[s : s + width] for s in starts])
     return _with_bos(windows, bos_id)
 

@@ -176,16 +176,18 @@ class ZeroSum(lowrank.Allocator):
         return (self.config.gradient_windows, self.config.gradient_seqlen)
 
     def component_scorer(self, spectrum, svd):
-        # (L^-1 U) and (R^-T V) in float32 on the device of the SVD, so the hook computes
-        # diag(U^T H V) as colsum(U' * (G V')) without forming H.
+        # (L^-1 U) and (R^-T V) in float32, so the hook computes diag(U^T H V) as
+        # colsum(U' * (G V')) without forming H. They wait for the gradient pass on the host: every
+        # matrix's bases together are about twice the targeted parameters, which must not sit on
+        # the GPU beside the model; each hook moves its own pair over and drops it.
         left, right = _unscaled_bases(svd)
-        left, right = left.float().contiguous(), right.float().contiguous()
-        sigma = svd.s.to(torch.float64)
+        left, right = left.to("cpu", torch.float32).contiguous(), right.to("cpu", torch.float32).contiguous()
+        sigma = svd.s.to("cpu", torch.float64)
         order = self.config.order
 
         def scorer(grad: torch.Tensor) -> torch.Tensor:
-            g = grad.to(left.device, torch.float32)
-            dl_dsigma = (left * (g @ right)).sum(0).double()
+            g = grad.to(torch.float32)
+            dl_dsigma = (left.to(g.device) * (g @ right.to(g.device))).sum(0).double()
             return predicted_changes(sigma.to(dl_dsigma.device), dl_dsigma, order)
 
         return scorer
