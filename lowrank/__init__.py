@@ -34,7 +34,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "_contract.errors": ("LowrankError", "RegistryError", "RecipeError", "CompressionError", "CheckpointError",
                          "DeviceError",),
     "_contract.recipe": ("Recipe",),
+    "_contract.presets": ("Preset",),
     "_engine.compress": ("compress",),
+    "_engine.stream": ("compress_checkpoint",),
     "_engine.device": ("resolve_device",),
     "_engine.setup": ("preflight",),
     "_formats.io": ("save", "load",),
@@ -64,7 +66,8 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 
 __all__ = [
     "hookimpl", "install_transformers_hook", "__version__", "LowrankError", "RegistryError",
-    "RecipeError", "CompressionError", "CheckpointError", "DeviceError", "Recipe", "compress",
+    "RecipeError", "CompressionError", "CheckpointError", "DeviceError", "Recipe", "Preset", "compress",
+    "compress_checkpoint",
     "preflight", "resolve_device", "save", "load",
     "LowRankLinear", "CompressionReport", "MatrixReport", "inspect_model", "plot_inspection",
     "MatrixInfo", "get_registry", "reset_registry", "new_manager", "Registry", "PluginEntry",
@@ -144,6 +147,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Transform,
         Triangular,
     )
+    from ._contract.presets import Preset
     from ._contract.recipe import Recipe
     from ._contract.registry import PluginEntry, Registry, get_registry, new_manager, reset_registry
     from ._contract.report import CompressionReport, MatrixReport
@@ -157,4 +161,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._engine.factorize import scaled_svd
     from ._engine.inspect import MatrixInfo, inspect_model, plot_inspection
     from ._engine.setup import preflight
+    from ._engine.stream import compress_checkpoint
     from ._formats.io import load, save

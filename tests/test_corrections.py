@@ -93,10 +93,10 @@ def test_out_of_memory_names_the_block_and_restores_the_model(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     real = BlockPass.collect
 
-    def collect(self, block, index, inputs, keep_outputs):
+    def collect(self, block, index, inputs, keep_outputs, **kwargs):
         if index == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, block, index, inputs, keep_outputs)
+        return real(self, block, index, inputs, keep_outputs, **kwargs)
 
     monkeypatch.setattr(BlockPass, "collect", collect)
     with pytest.raises(torch.OutOfMemoryError, match="block 2 of 3.*smaller batch_size"):

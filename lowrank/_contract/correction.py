@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .blocks import BlockInputs
+from .blocks import BlockInputs, run_block
 from .layers import LowRankLinear
 from .model import Target
 from .strategy import Strategy
@@ -39,6 +39,11 @@ class BlockCorrectionContext:
         factored: The ``LowRankLinear`` of every target that was factored, by full name.
         inputs: The calibration inputs the block was compressed on.
         original_outputs: The uncompressed block's outputs on ``inputs``, one tensor per batch.
+        reference_inputs: The uncompressed model's hidden states entering this block, one tensor
+            per batch (the same tensors as ``inputs.hidden`` with ``inputs: original``). Filled
+            when a correction of the recipe sets ``needs_reference``; None otherwise.
+        reference_outputs: The uncompressed block's outputs on ``reference_inputs``: where the
+            original model's hidden states go next (the "anchored" target of AA-SVD).
         device: Where work should run.
         seed: The recipe's seed (a correction that samples seeds from it).
         notes: Lines for the report.
@@ -51,14 +56,25 @@ class BlockCorrectionContext:
     inputs: BlockInputs
     original_outputs: list[torch.Tensor]
     device: torch.device
+    reference_inputs: list[torch.Tensor] | None = None
+    reference_outputs: list[torch.Tensor] | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The (compressed) block's output on ``hidden``, a batch shaped like the calibration ones."""
+        args, kwargs = self.inputs.args_for(self.index, hidden)
+        return run_block(self.block, hidden, args, kwargs)
 
 
 class Correction(Strategy):
     """Changes a compressed block's factors so that the block behaves more like the original."""
 
     kind: ClassVar[str] = "correction"
+    #: Set when ``correct`` reads ``reference_inputs`` / ``reference_outputs``: with sequential
+    #: inputs the engine then also carries the uncompressed model's hidden states from block to
+    #: block (one more forward pass of the dense block per block, and one more set of hidden states).
+    needs_reference: ClassVar[bool] = False
 
     @abstractmethod
     def correct(self, context: BlockCorrectionContext) -> None:

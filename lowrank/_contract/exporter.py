@@ -59,3 +59,22 @@ class Exporter(Strategy):
     @abstractmethod
     def load(self, directory: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:
         """Load a model written by :meth:`save`."""
+
+    def finish_streamed(self, model: Any, directory: str | os.PathLike[str], weight_map: dict[str, str], *,
+                        tokenizer: Any = None, recipe: Any = None, report: Any = None) -> None:
+        """Complete a checkpoint whose weight shards a streamed run (``lowrank.compress_checkpoint``)
+        already wrote into ``directory``: the config, the shard index, the provenance.
+
+        Args:
+            model: The model skeleton: non-block weights real, blocks on the meta device with the
+                factored layers already swapped for (meta) ``LowRankLinear`` modules.
+            directory: The directory holding the shards (not yet the final output directory).
+            weight_map: Tensor name -> shard file name, every tensor written.
+            tokenizer: Saved beside the weights when given.
+            recipe: The recipe of the run.
+            report: The report of the run.
+
+        Raises:
+            LowrankError: The exporter cannot write streamed checkpoints (the default).
+        """
+        raise LowrankError(f"exporter {self.name!r} cannot write a streamed checkpoint; use the 'hf' exporter")

@@ -49,3 +49,9 @@ def lowrank_register_exporters(register: Register) -> None:
 @hookspec
 def lowrank_register_corrections(register: Register) -> None:
     """Register :class:`lowrank.Correction` subclasses (change a block's factors after truncation)."""
+
+
+@hookspec
+def lowrank_register_presets(register) -> None:
+    """Register presets: ``register(text, origin=...)`` with the YAML text of a recipe that has a
+    ``preset`` mapping (name, description, reference); see :class:`lowrank.Preset`."""

@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 _INPUTS = ("sequential", "original")
 _FACTORIZATIONS = ("auto", "svd")
+_TARGETS = ("plain", "compensated")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
@@ -119,6 +120,11 @@ class Recipe:
             ``svd`` always uses LAPACK's float64 SVD (the reference).
         inputs: ``sequential`` feeds each block the outputs of the already-compressed blocks;
             ``original`` feeds it the uncompressed model's activations.
+        target: ``plain`` fits each layer's own output on the inputs it receives; ``compensated``
+            (sequential inputs only) fits the compressed layer on the compressed model's inputs X~
+            to the original layer's output on the original inputs X: the rank-k minimiser of
+            ||W X - W' X~|| is the scaled truncation of W* = W C_x~x C_x~x~^-1 (the error of the
+            earlier blocks is compensated, in closed form; SAES-SVD). Works with every scaling.
         name: a label stored with the compressed model.
     """
 
@@ -134,6 +140,7 @@ class Recipe:
     seed: int = 0
     factorization: str = "auto"
     inputs: str = "sequential"
+    target: str = "plain"
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
@@ -188,6 +195,11 @@ class Recipe:
             raise RecipeError(f"factorization: expected one of {', '.join(_FACTORIZATIONS)}, got {self.factorization!r}")
         if self.inputs not in _INPUTS:
             raise RecipeError(f"inputs: expected one of {', '.join(_INPUTS)}, got {self.inputs!r}")
+        if self.target not in _TARGETS:
+            raise RecipeError(f"target: expected one of {', '.join(_TARGETS)}, got {self.target!r}")
+        if self.target == "compensated" and self.inputs != "sequential":
+            raise RecipeError("target: compensated corrects the shift between the original and the compressed "
+                              "model's inputs, so it needs inputs: sequential (with inputs: original there is none)")
         if not isinstance(self.name, str):
             raise RecipeError(f"name: expected a string, got {self.name!r}")
 
@@ -210,6 +222,7 @@ class Recipe:
             "seed": self.seed,
             "factorization": self.factorization,
             "inputs": self.inputs,
+            "target": self.target,
         }
 
     @classmethod
@@ -229,6 +242,16 @@ class Recipe:
                 f"lowrank_recipe, {', '.join(sorted(known))}"
             )
         return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "Recipe":
+        """The recipe of the preset ``name`` (``lowrank recipe list`` shows them), with any field
+        overridden: ``Recipe.preset("svd-llm", ratio=0.4, device="cpu")``."""
+        data = {**get_registry().preset(name).recipe, **overrides}
+        try:
+            return cls.from_dict(data)
+        except RecipeError as err:
+            raise RecipeError(f"preset {name!r}: {err}") from None
 
     def to_yaml(self) -> str:
         """The recipe as a YAML document (``from_yaml`` reads it back)."""
@@ -265,4 +288,4 @@ class Recipe:
         return (f"recipe {self.name!r}: scalings {scal}; allocator {self.allocator!r}; exporter "
                 f"{self.exporter!r}; corrections {self.corrections or 'none'}; ratio {self.ratio} removed ({1 - self.ratio:.2f} kept) of the "
                 f"targets {self.targets or 'every linear layer in the decoder blocks'}; device "
-                f"{self.device}; dtype {self.dtype}; inputs {self.inputs}; seed {self.seed}")
+                f"{self.device}; dtype {self.dtype}; inputs {self.inputs}; target {self.target}; seed {self.seed}")

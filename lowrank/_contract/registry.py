@@ -25,6 +25,7 @@ from .allocator import Allocator
 from .correction import Correction
 from .errors import RegistryError
 from .exporter import Exporter
+from .presets import Preset, preset_registrar
 from .scaling import Scaling
 from .stats import STATISTICS
 
@@ -79,6 +80,7 @@ class Registry:
         self.manager = manager
         self._entries: dict[Kind, dict[str, PluginEntry]] = {k: {} for k in KINDS}
         self._defaults: dict[Kind, PluginEntry] = {}
+        self._presets: dict[str, Preset] = {}
         self._collect()
 
     def _distribution_of(self) -> dict[int, str]:
@@ -96,6 +98,9 @@ class Registry:
             for impl in caller.get_hookimpls():
                 dist = dists.get(id(impl.plugin), "<unknown>")
                 impl.function(register=self._registrar(kind, dist, impl.plugin_name))
+        for impl in self.manager.hook.lowrank_register_presets.get_hookimpls():
+            dist = dists.get(id(impl.plugin), "<unknown>")
+            impl.function(register=preset_registrar(self._presets, dist, impl.plugin_name))
 
     def _registrar(self, kind: Kind, distribution: str, plugin: str) -> hookspecs.Register:
         base = BASES[kind]
@@ -153,6 +158,21 @@ class Registry:
         """Every entry (of ``kind``), by kind then name."""
         kinds = KINDS if kind is None else (kind,)
         return [self._entries[k][n] for k in kinds for n in sorted(self._entries[k])]
+
+    def presets(self) -> list[Preset]:
+        """Every registered preset, by name."""
+        return [self._presets[n] for n in sorted(self._presets)]
+
+    def preset(self, name: str) -> Preset:
+        """The preset registered as ``name``; an unknown name lists the ones that exist."""
+        try:
+            return self._presets[name]
+        except KeyError:
+            known = sorted(self._presets)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RegistryError(f"unknown preset {name!r}.{hint} Presets: {', '.join(known) or '(none)'}; "
+                                "`lowrank recipe list` shows them.") from None
 
     def get(self, kind: Kind, name: str) -> type:
         """The strategy class registered as ``name``; an unknown name lists the ones that exist."""

@@ -31,7 +31,7 @@ from .._contract.model import count_parameters
 from .._contract.recipe import Recipe
 from .._contract.report import CompressionReport, MatrixReport
 from .._contract.spectrum import Selection
-from .block_pass import BlockPass, checked_allocation
+from .block_pass import BlockPass, CollectedBlock, MatrixProfile, checked_allocation
 from .capture import capture_block_inputs
 from .gradients import max_gpu_bytes, reset_gpu_peak
 from .guard import Undo
@@ -47,6 +47,8 @@ class _CompressionPass:
     def __init__(self, setup: RunSetup) -> None:
         self.setup = setup
         self.block_pass = BlockPass(setup)
+        self.kept: dict[str, MatrixProfile] | None = None   # the planner's scored SVDs, when reusable
+        self.reused_blocks = 0
 
     def run(self, undo: Undo) -> None:
         setup = self.setup
@@ -56,18 +58,34 @@ class _CompressionPass:
             setup.gradient_stats = gradient_statistics(setup)
         plan = None
         if setup.recipe.allocator.scope == "global":
-            plan = GlobalPlanner(setup, self.block_pass).plan(inputs, undo)
+            plan = setup.hooks.saved_plan()
+            if plan is None:
+                planner = GlobalPlanner(setup, self.block_pass)
+                plan = planner.plan(inputs, undo)
+                self.kept = planner.kept
+                setup.hooks.planned(plan)
         self.compress_blocks(inputs, plan, undo)
+        if self.reused_blocks:
+            setup.report.notes.append(f"truncated the SVDs the allocator scored in {self.reused_blocks} block(s) "
+                                      "(inputs: original; no second profiling pass)")
 
     def compress_blocks(self, inputs: BlockInputs, plan: dict[str, Selection] | None, undo: Undo) -> None:
         setup = self.setup
         original = setup.recipe.inputs == "original"
-        keep = original or setup.needs.block or bool(setup.recipe.corrections)
+        keep = original or setup.needs.block or setup.needs.reference or bool(setup.recipe.corrections)
+        if setup.needs.reference and inputs.reference is None:
+            inputs.reference = list(inputs.hidden)   # one stream until the first block is compressed
+        first = setup.hooks.start(inputs)  # a resumed run skips the finished blocks
         for index in setup.bar("compressing"):
+            if index < first:
+                continue
+            setup.hooks.enter(index, "compressing")
             start = time.perf_counter()
             with naming_block(index, len(setup.blocks)), on_device(setup.blocks[index], setup.device) as block:
-                collected = self.block_pass.collect(block, index, inputs, keep_outputs=keep)
-                profiles = self.block_pass.profile(block, index, inputs, collected, plan)
+                reused = self._reused_profiles(block, index, plan)
+                collected = self.block_pass.collect(block, index, inputs, keep_outputs=keep,
+                                                    statistics=reused is None)
+                profiles = reused or self.block_pass.profile(block, index, inputs, collected, plan)
                 del collected.collector
                 if plan is not None:
                     selections = {p.target.name: plan[p.target.name] for p in profiles}
@@ -76,18 +94,38 @@ class _CompressionPass:
                 reports = self.block_pass.apply(block, profiles, selections, undo)
                 del profiles
                 if setup.recipe.corrections:
-                    self._correct(block, index, inputs, collected.outputs or [])
+                    self._correct(block, index, inputs, collected)
                 setup.report.matrices.extend(reports)
                 inputs.hidden = collected.outputs if original else self.block_pass.forward(block, index, inputs)  # type: ignore[assignment]
+                if inputs.reference is not None:
+                    inputs.reference = collected.reference_outputs
+            setup.hooks.leave(index, "compressing", inputs)
             if setup.progress and reports:
                 _log_block(index, len(setup.blocks), reports, time.perf_counter() - start)
 
-    def _correct(self, block: nn.Module, index: int, inputs: BlockInputs, outputs: list[torch.Tensor]) -> None:
+    def _reused_profiles(self, block: nn.Module, index: int,
+                         plan: dict[str, Selection] | None) -> list[MatrixProfile] | None:
+        """The planner's profiles of this block, when every planned selection is covered by them."""
+        if self.kept is None or plan is None:
+            return None
+        kept = [self.kept.pop(t.name, None) for t in self.setup.targets_of(index)]
+        if not kept or any(k is None or not k.covers(plan[k.target.name]) for k in kept):
+            return None
+        self.reused_blocks += 1
+        with self.setup.timer.phase("factorization"):
+            return [k.restored(block, self.setup.device) for k in kept]  # type: ignore[union-attr]
+
+    def _correct(self, block: nn.Module, index: int, inputs: BlockInputs, collected: CollectedBlock) -> None:
         setup = self.setup
         targets = setup.targets_of(index)
         factored = {t.name: m for t in targets if isinstance(m := block.get_submodule(t.local), LowRankLinear)}
+        outputs = collected.outputs or []
+        if setup.recipe.inputs == "original":   # the compressed block sees the original stream itself
+            reference_inputs, reference_outputs = inputs.hidden, outputs
+        else:
+            reference_inputs, reference_outputs = inputs.reference, collected.reference_outputs
         context = BlockCorrectionContext(block, index, targets, factored, inputs, outputs, setup.device,
-                                         seed=setup.recipe.seed)
+                                         reference_inputs, reference_outputs, seed=setup.recipe.seed)
         with setup.timer.phase("corrections"):
             for correction in setup.recipe.corrections:
                 ranks = {n: m.rank for n, m in factored.items()}

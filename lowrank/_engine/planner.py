@@ -19,7 +19,8 @@ from .._contract.context import GradientPassInfo
 from .._contract.factors import ScaledSVD
 from .._contract.model import weight_of
 from .._contract.spectrum import MatrixSpectrum, Selection
-from .block_pass import BlockPass, checked_allocation
+from .._contract.stats import LayerStats
+from .block_pass import BlockPass, MatrixProfile, checked_allocation
 from .contexts import EngineModelContext, EngineRefineContext
 from .gradients import gradient_pass
 from .guard import Undo
@@ -61,6 +62,9 @@ class GlobalPlanner:
     def __init__(self, setup: RunSetup, block_pass: BlockPass) -> None:
         self.setup = setup
         self.block_pass = block_pass
+        #: The last stage's profiles, on the host, when the compression pass can truncate exactly
+        #: the SVDs that were scored (``inputs: original``: the same weights and the same inputs).
+        self.kept: dict[str, MatrixProfile] | None = None
 
     def plan(self, inputs: BlockInputs, undo: Undo) -> dict[str, Selection]:
         """Every stage of the allocator; returns the last stage's plan. Weights that a ``refine``
@@ -75,7 +79,8 @@ class GlobalPlanner:
         teacher: dict[str, torch.Tensor] = {}
         for stage in range(stages):
             last = stage == stages - 1
-            plan, profiles = self._plan_stage(allocator, inputs, keep_profiles=not last)
+            plan, profiles = self._plan_stage(allocator, inputs, keep_profiles=not last,
+                                              keep_last=last and setup.recipe.inputs == "original")
             if last:
                 break
             if not teacher:
@@ -103,16 +108,19 @@ class GlobalPlanner:
                 "cpu", torch.float64, copy=True)
         return teacher
 
-    def _plan_stage(self, allocator: Allocator, inputs: BlockInputs,
-                    keep_profiles: bool) -> tuple[dict[str, Selection], dict[str, ScaledSVD]]:
+    def _plan_stage(self, allocator: Allocator, inputs: BlockInputs, keep_profiles: bool,
+                    keep_last: bool = False) -> tuple[dict[str, Selection], dict[str, ScaledSVD]]:
         """Profile every block on the current weights, score, allocate."""
         setup = self.setup
+        shared: dict[int, LayerStats] = {}
+        kept: dict[str, MatrixProfile] = {}
         spectra: dict[str, MatrixSpectrum] = {}
         scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         profiles: dict[str, ScaledSVD] = {}
         with setup.timer.phase("planning"):
             hidden = inputs.hidden
             for index in setup.bar("profiling"):
+                setup.hooks.enter(index, "planning")
                 with naming_block(index, len(setup.blocks)), on_device(setup.blocks[index], setup.device) as block:
                     collected = self.block_pass.collect(block, index, inputs, keep_outputs=True)
                     for p in self.block_pass.profile(block, index, inputs, collected, None):
@@ -122,11 +130,16 @@ class GlobalPlanner:
                             scorers[p.target.name] = scorer
                         if keep_profiles:
                             profiles[p.target.name] = p.svd.to("cpu")
+                        if keep_last:
+                            kept[p.target.name] = p.kept_on_host(shared)
                     inputs.hidden = collected.outputs  # type: ignore[assignment]
+                setup.hooks.leave(index, "planning", inputs)
             inputs.hidden = hidden
             if scorers:
                 spectra = self._scored(allocator, spectra, scorers)
             selections = checked_allocation(setup, list(spectra.values()), allocator)
+        if keep_last:
+            self.kept = kept
         return selections, profiles
 
     def _scored(self, allocator: Allocator, spectra: dict[str, MatrixSpectrum],

@@ -17,6 +17,7 @@ from .._contract.report import CompressionReport
 from .device import PhaseTimer, resolve_device
 from .discovery import find_blocks, find_targets
 from .guard import check_weights, validate_inputs
+from .hooks import BlockHooks
 
 __all__ = ["naming_block", "StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows",
            "preflight"]
@@ -24,19 +25,30 @@ __all__ = ["naming_block", "StatisticsNeeds", "GradientStats", "RunSetup", "on_d
 
 @dataclass(frozen=True)
 class StatisticsNeeds:
-    """Which optional statistics the recipe's scalings ask for (``Scaling.requires``)."""
+    """Which optional statistics the recipe asks for (``Scaling.requires``, its target, its corrections).
+
+    Attributes:
+        reference: Carry the uncompressed model's hidden states beside the compressed ones
+            (sequential inputs with a compensated target or a correction that ``needs_reference``).
+        cross: Accumulate the cross-covariance of original and compressed inputs (compensated target).
+    """
 
     abs_mean: bool = False
     inputs: bool = False
     block: bool = False
     gradients: bool = False
+    reference: bool = False
+    cross: bool = False
 
     @classmethod
     def of(cls, recipe: Recipe) -> "StatisticsNeeds":
-        """The union of every scaling's ``requires``."""
+        """The union of every scaling's ``requires``, and the reference stream when it is needed."""
         needs = set().union(*(s.requires for s in recipe.scalings))
+        sequential = recipe.inputs == "sequential"
+        cross = sequential and recipe.target == "compensated"
+        reference = cross or (sequential and any(c.needs_reference for c in recipe.corrections))
         return cls("abs_mean" in needs, "inputs" in needs, "block" in needs,
-                   bool(needs & {"grad_row_sq", "grad_col_sq"}))
+                   bool(needs & {"grad_row_sq", "grad_col_sq"}), reference, cross)
 
 
 @dataclass
@@ -65,6 +77,7 @@ class RunSetup:
     report: CompressionReport
     gradient_data: torch.Tensor | None = None
     gradient_stats: dict[str, GradientStats] = field(default_factory=dict)
+    hooks: BlockHooks = field(default_factory=BlockHooks)  # streamed / resumable runs: _engine/stream.py
 
     @classmethod
     def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,

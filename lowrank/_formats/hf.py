@@ -31,6 +31,7 @@ from .checkpoint import (
 from .files import check_against, tensor_entries, weight_files
 from .hf_record import FORMAT_VERSION, QUANT_METHOD, check_record, replace_with_lowrank
 from .provenance import attach_provenance, provenance_of
+from .shards import finish_hf_streamed
 
 __all__ = ["HFExporter"]
 
@@ -85,6 +86,11 @@ class HFExporter(CheckpointExporter):
                 model.config = original
 
         return self._write(directory, tokenizer, recipe, report, write_weights)
+
+    def finish_streamed(self, model: Any, directory: str | os.PathLike[str], weight_map: dict[str, str], *,
+                        tokenizer: Any = None, recipe: Any = None, report: Any = None) -> None:
+        """Complete a streamed run's shards into an ``hf`` checkpoint (``_formats/shards.py``)."""
+        finish_hf_streamed(self, model, directory, weight_map, tokenizer=tokenizer, recipe=recipe, report=report)
 
     def load(self, directory: str | os.PathLike[str], *, device: str = "cpu", dtype: Any = None) -> Any:
         """Rebuild the architecture with empty parameters, swap in ``LowRankLinear`` per

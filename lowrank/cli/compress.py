@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import click
 
 from ._common import echo_result
+from .recipe import recipe_from
 
 __all__ = ["compress_command", "DEFAULT_MODEL", "default_out"]
 
@@ -39,7 +41,8 @@ def default_out(model: str, ratio: float) -> Path:
               help="Output directory, new or empty; it appears only once everything is written. "
                    "Default: ./<MODEL name>-lowrank-<ratio> in the current directory (e.g. "
                    "./smollm2-135m-lowrank-0.2), refused like any --out if it exists and is not empty.")
-@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, exists=True), help="Recipe YAML file.")
+@click.option("--recipe", "recipe_file", help="Recipe YAML file, or a preset's name (`lowrank recipe list`: "
+                                               "svd-llm, asvd, zs-svd, aa-svd, recommended, ...).")
 @click.option("--scaling", "scalings", multiple=True, help="Scaling name; repeat to stack (overrides the recipe).")
 @click.option("--allocator", help="Allocator name (overrides the recipe).")
 @click.option("--exporter", help="Exporter name (overrides the recipe).")
@@ -53,15 +56,22 @@ def default_out(model: str, ratio: float) -> Path:
 @click.option("--eval-windows", default=None, type=int, help="Evaluation windows (default: all of the held-out text).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (the human-readable lines go to stderr).")
+@click.option("--stream", is_flag=True,
+              help="Never load the model whole: read each block from its safetensors shards when it is "
+                   "compressed and write it at once (memory independent of the number of blocks; no "
+                   "perplexity, run lowrank eval OUT). Implied under torchrun.")
+@click.option("--resume", is_flag=True, help="With --stream: continue the interrupted run of the same arguments.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="With --stream: the dtype to compute in (default: the checkpoint's).")
 def compress_command(model: str, out: str | None, recipe_file: str | None, scalings: tuple[str, ...],
                      allocator: str | None, exporter: str | None, ratio: float | None, device: str | None,
                      calib: str, calib_windows: int, seqlen: int, eval_source: str, eval_windows: int | None,
-                     batch_size: int, as_json: bool) -> None:
+                     batch_size: int, as_json: bool, stream: bool, resume: bool, dtype: str | None) -> None:
     """Compress MODEL (a local directory, a bundled name or a hub id; default smollm2-135m) and write
     it to --out (default ./<MODEL name>-lowrank-<ratio>)."""
     from lowrank import Recipe, check_output_directory, resolve_device
 
-    base = Recipe.load(recipe_file) if recipe_file else Recipe()
+    base = recipe_from(recipe_file) if recipe_file else Recipe()
     overrides = {k: v for k, v in {
         "scalings": list(scalings) or None, "allocator": allocator, "exporter": exporter,
         "ratio": ratio, "device": device}.items() if v is not None}
@@ -69,8 +79,16 @@ def compress_command(model: str, out: str | None, recipe_file: str | None, scali
     resolve_device(recipe.device)  # an explicit device that is not there fails now, not later
     out_dir = Path(out) if out else default_out(model, recipe.ratio)
     check_output_directory(out_dir)  # fail before the slow part, not after it
-    result = _run(model, recipe, out_dir, calib, calib_windows, seqlen, eval_source, eval_windows,
-                  batch_size, as_json)
+    if stream or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .stream import run_streamed
+
+        result = run_streamed(model, recipe, out_dir, calib, calib_windows, seqlen, batch_size, resume, dtype,
+                              lambda msg: echo_result(msg, as_json))
+    else:
+        result = _run(model, recipe, out_dir, calib, calib_windows, seqlen, eval_source, eval_windows,
+                      batch_size, as_json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, process 0 speaks
     if as_json:
         click.echo(json.dumps(result, indent=2))
 
