@@ -74,6 +74,7 @@ class Correction(Strategy):
     #: Set when ``correct`` reads ``reference_inputs`` / ``reference_outputs``: with sequential
     #: inputs the engine then also carries the uncompressed model's hidden states from block to
     #: block (one more forward pass of the dense block per block, and one more set of hidden states).
+    #: A subclass whose need depends on its settings overrides it with a property (``aa-svd``).
     needs_reference: ClassVar[bool] = False
 
     @abstractmethod
