@@ -74,10 +74,13 @@ class MatrixProfile:
         svd = self.svd.leading(breakeven_rank(*self.target.shape)).to("cpu")
         return MatrixProfile(self.target, svd, stats, torch.empty(0), self.spectrum)
 
-    def restored(self, block: nn.Module, device: torch.device) -> "MatrixProfile":
-        """Back on ``device`` with the layer's current weight, ready for ``BlockPass.apply``."""
+    def restored(self, block: nn.Module, device: torch.device, shared: dict[int, LayerStats]) -> "MatrixProfile":
+        """Back on ``device`` with the layer's current weight, ready for ``BlockPass.apply`` (one
+        device copy per shared input, through ``shared``)."""
         weight = weight_of(block.get_submodule(self.target.local)).detach().to(device, torch.float64)
-        stats = LayerStats(self.stats.gram.to(device, torch.float64), self.stats.n_tokens)
+        stats = shared.get(id(self.stats))
+        if stats is None:
+            stats = shared[id(self.stats)] = LayerStats(self.stats.gram.to(device, torch.float64), self.stats.n_tokens)
         return MatrixProfile(self.target, self.svd.to(device), stats, weight, self.spectrum)
 
     def covers(self, selection: Selection) -> bool:
@@ -128,16 +131,10 @@ class BlockPass:
                 (cross.attached(modules) if cross is not None else contextlib.nullcontext()):
             for b, hidden in enumerate(inputs.hidden):
                 if reference_outputs is not None:   # the original stream first: the cross hooks keep its inputs
-                    started = time.perf_counter() - (cross.seconds if cross is not None else 0.0)
-                    collector.paused = True
-                    if cross is not None:
-                        cross.recording = True
-                    reference_outputs.append(run_block(block, reference[b], *inputs.args_for(index, hidden)))  # type: ignore[index]
-                    collector.paused = False
-                    if cross is not None:
-                        cross.recording = False
-                    # the recording hooks' time counts as statistics, not as this pass
-                    reference_seconds += time.perf_counter() - started - (cross.seconds if cross is not None else 0.0)
+                    started = time.perf_counter()
+                    with collector.skipped(), (cross.original_stream() if cross is not None else contextlib.nullcontext()):
+                        reference_outputs.append(run_block(block, reference[b], *inputs.args_for(index, hidden)))  # type: ignore[index]
+                    reference_seconds += time.perf_counter() - started
                 collector.next_batch()
                 out = run_block(block, hidden, *inputs.args_for(index, hidden))
                 if outputs is not None:

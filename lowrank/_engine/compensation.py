@@ -36,6 +36,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .stats import forward_hooks
+
 __all__ = ["CrossCollector", "compensated_weight", "RIDGE"]
 
 #: Relative ridge on the compressed inputs' Gram matrix before it is inverted.
@@ -52,37 +54,44 @@ class CrossCollector:
     """
 
     recording: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0   # the pairing GEMMs only (statistics time)
     _kept: dict[str, torch.Tensor] = field(default_factory=dict)
     _cross: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            start = time.perf_counter()
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            if self.recording:
+            if self.recording:   # a copy, part of the original stream's pass
                 self._kept[name] = x.clone()
-            else:
-                original = self._kept.pop(name)
-                acc = self._cross.get(name)
-                if acc is None:
-                    acc = self._cross[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32,
-                                                          device=x.device)
-                acc.addmm_(original.T, x)
+                return
+            start = time.perf_counter()
+            original = self._kept.pop(name)
+            acc = self._cross.get(name)
+            if acc is None:
+                acc = self._cross[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            acc.addmm_(original.T, x)
             self.seconds += time.perf_counter() - start
 
         return hook
 
     @contextmanager
-    def attached(self, modules: dict[str, nn.Module]) -> Iterator["CrossCollector"]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+    def attached(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Hooks on ``modules`` (by full name) for the ``with`` body; kept inputs are dropped after."""
         try:
-            yield self
+            with forward_hooks(modules, self._hook):
+                yield
         finally:
-            for h in handles:
-                h.remove()
             self._kept.clear()
+
+    @contextmanager
+    def original_stream(self) -> Iterator[None]:
+        """While the block runs on the original hidden states: keep each layer's input."""
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def cross(self, name: str) -> torch.Tensor | None:
         """sum x x~^T of layer ``name`` in float64, or None when nothing was paired."""

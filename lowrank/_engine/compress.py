@@ -31,6 +31,7 @@ from .._contract.model import count_parameters
 from .._contract.recipe import Recipe
 from .._contract.report import CompressionReport, MatrixReport
 from .._contract.spectrum import Selection
+from .._contract.stats import LayerStats
 from .block_pass import BlockPass, CollectedBlock, MatrixProfile, checked_allocation
 from .capture import capture_block_inputs
 from .gradients import max_gpu_bytes, reset_gpu_peak
@@ -113,7 +114,8 @@ class _CompressionPass:
             return None
         self.reused_blocks += 1
         with self.setup.timer.phase("factorization"):
-            return [k.restored(block, self.setup.device) for k in kept]  # type: ignore[union-attr]
+            shared: dict[int, LayerStats] = {}
+            return [k.restored(block, self.setup.device, shared) for k in kept]  # type: ignore[union-attr]
 
     def _correct(self, block: nn.Module, index: int, inputs: BlockInputs, collected: CollectedBlock) -> None:
         setup = self.setup

@@ -112,7 +112,6 @@ class GlobalPlanner:
                     keep_last: bool = False) -> tuple[dict[str, Selection], dict[str, ScaledSVD]]:
         """Profile every block on the current weights, score, allocate."""
         setup = self.setup
-        shared: dict[int, LayerStats] = {}
         kept: dict[str, MatrixProfile] = {}
         spectra: dict[str, MatrixSpectrum] = {}
         scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -123,6 +122,7 @@ class GlobalPlanner:
                 setup.hooks.enter(index, "planning")
                 with naming_block(index, len(setup.blocks)), on_device(setup.blocks[index], setup.device) as block:
                     collected = self.block_pass.collect(block, index, inputs, keep_outputs=True)
+                    shared: dict[int, LayerStats] = {}   # per block: ids of freed tensors are reused
                     for p in self.block_pass.profile(block, index, inputs, collected, None):
                         spectra[p.target.name] = p.spectrum
                         scorer = allocator.component_scorer(p.spectrum, p.svd)

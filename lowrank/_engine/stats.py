@@ -5,14 +5,25 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .._contract.stats import LayerStats
 
-__all__ = ["StatsCollector", "add_gram"]
+__all__ = ["StatsCollector", "add_gram", "forward_hooks"]
+
+@contextmanager
+def forward_hooks(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """``make_hook(name)`` as a forward hook on every module for the ``with`` body, then removed."""
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
 
 #: Row-panel height of the Gram update for wide inputs (see ``add_gram``).
 GRAM_PANEL = 256
@@ -67,7 +78,7 @@ class StatsCollector:
     want_abs_mean: bool = False
     want_inputs: bool = False
     seconds: float = 0.0
-    paused: bool = False   # set while the block runs on the original stream (compensated target)
+    paused: bool = False   # see ``skipped``
     _acc: dict[str, _Accumulator] = field(default_factory=dict)
     _alias: dict[str, str] = field(default_factory=dict)
     _seen: dict[tuple, tuple[torch.Tensor, str]] = field(default_factory=dict)
@@ -121,13 +132,17 @@ class StatsCollector:
         return hook
 
     @contextmanager
-    def attached(self, modules: dict[str, nn.Module]) -> Iterator["StatsCollector"]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+    def skipped(self) -> Iterator[None]:
+        """Accumulate nothing during the ``with`` body (the block runs on the original stream)."""
+        self.paused = True
         try:
-            yield self
+            yield
         finally:
-            for h in handles:
-                h.remove()
+            self.paused = False
+
+    def attached(self, modules: dict[str, nn.Module]):
+        """Hooks on ``modules`` (by full name) for the ``with`` body."""
+        return forward_hooks(modules, self._hook)
 
     def stats(self, name: str) -> LayerStats:
         """The layer's statistics in float64 (the factorization precision); shared when the input is."""
