@@ -13,8 +13,10 @@ statistics (fwsvd) use the calibration windows instead. `--grad-seqlen 2048` dra
 window of that length from `emma` instead (the setting of earlier results files).
 Each (recipe, ratio) runs in a fresh subprocess, so its peak resident memory is its own.
 
-A recipe is `SCALING[+SCALING...][/ALLOCATOR]` (e.g. `whitening`, `asvd+whitening/energy`) or the
-path of a recipe YAML file (its ratio is overridden by --ratios).
+A recipe is `SCALING[+SCALING...][/ALLOCATOR]` (e.g. `whitening`, `asvd+whitening/energy`), a
+preset (`preset:zs-svd`) or the path of a recipe YAML file (the ratio is overridden by --ratios).
+`--extra-eval austen:persuasion` also evaluates each compressed model on another text (same window
+rule), without compressing again.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def make_recipe(spec: str, ratio: float, device: str):
 
     if spec.endswith((".yaml", ".yml")):
         return dataclasses.replace(lowrank.Recipe.load(spec), ratio=ratio, device=device)
+    if spec.startswith("preset:"):
+        return lowrank.Recipe.preset(spec.split(":", 1)[1], ratio=ratio, device=device)
     scal, _, alloc = spec.partition("/")
     return lowrank.Recipe(scalings=scal.split("+"), allocator=alloc or "uniform", ratio=ratio,
                           device=device, seed=PROTOCOL["seed"], name=spec)
@@ -184,9 +188,27 @@ def run_one(model_name: str, spec: str | None, ratio: float | None, device: str,
     row.update(perplexity=result.perplexity, finite=result.finite, eval_tokens=result.tokens,
                model_params=lowrank.count_parameters(model), eval_seconds=result.seconds,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for text in protocol.get("extra_eval", []):
+        other = _eval_windows(model_name, tokenizer, text, protocol)
+        row.setdefault("extra_perplexity", {})[text] = perplexity(
+            model, other, batch_size=8, device=dev, progress=False).perplexity
     if dev.type == "cuda":
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return row
+
+
+def _eval_windows(model_name: str, tokenizer, text: str, protocol: dict):
+    """The evaluation windows of another text (the protocol's rule), cached under bench/work/."""
+    import torch
+
+    from lowrank.data import load_windows
+
+    path = WORK / f"{model_name}-eval-{text.split(':')[-1]}-{protocol['eval_windows']}-{protocol['seqlen']}.pt"
+    if path.exists():
+        return torch.load(path)
+    windows = load_windows(tokenizer, text, "evaluation", protocol["eval_windows"], protocol["seqlen"])
+    torch.save(windows, path)
+    return windows
 
 
 def floor_seconds(t: dict) -> float:
@@ -207,13 +229,14 @@ def write_results(rows: list[dict], name: str, info: dict, protocol: dict) -> No
              "Times in seconds, model load and evaluation excluded. floor = one forward pass of the calibration "
              "set through the uncompressed blocks + the factorizations; next-input = the extra pass through each "
              "compressed block that sequential inputs need. Peak RSS covers the whole process (load and evaluation included).", "",
-             "| recipe | ratio | grad window | achieved | perplexity | target params | model params | dense kept | compress s | forward s | stats s | factor s | next-input s | total / floor | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Other texts (same model, same window rule): {', '.join(protocol.get('extra_eval', [])) or 'none'}.", "",
+             "| recipe | ratio | grad window | achieved | perplexity | other texts | target params | model params | dense kept | compress s | forward s | stats s | factor s | next-input s | total / floor | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("timings", {})
         lines.append(
             f"| {r['recipe']} | {r['ratio']:.2f} | {r.get('grad_offset', 0)} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.3f}"
-            f"{'' if r['finite'] else ' (not finite)'} | {r.get('target_params', r.get('target_params_before', 0)):,} | "
+            f"{'' if r['finite'] else ' (not finite)'} | {' / '.join(f'{v:.3f}' for v in r.get('extra_perplexity', {}).values())} | {r.get('target_params', r.get('target_params_before', 0)):,} | "
             f"{r['model_params']:,} | {r.get('dense_matrices', '')} | {t.get('total', 0):.1f} | {t.get('forward', 0):.1f} | "
             f"{t.get('statistics', 0):.1f} | {t.get('factorization', 0):.1f} | {t.get('forward_next', 0):.1f} | "
             f"{t.get('total', 0) / floor_seconds(t) if floor_seconds(t) else 0:.2f} | {r['peak_rss_mb']:.0f} |")
@@ -285,11 +308,12 @@ def main() -> None:
     p.add_argument("--grad-offsets", nargs="+", type=int, default=[0],
                    help="first calibration window of the gradient windows; several: one run each")
     p.add_argument("--eval-text", default=PROTOCOL["eval_text"], help="(protocol: austen:prideprejudice)")
+    p.add_argument("--extra-eval", nargs="*", default=[], help="more evaluation texts, e.g. austen:persuasion")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "RATIO"), help=argparse.SUPPRESS)
     args = p.parse_args()
     protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
                 "grad_windows": args.grad_windows, "grad_seqlen": args.grad_seqlen,
-                "grad_offset": args.grad_offsets[0], "eval_text": args.eval_text}
+                "grad_offset": args.grad_offsets[0], "eval_text": args.eval_text, "extra_eval": args.extra_eval}
     if args.calib_seqlen != PROTOCOL["seqlen"]:
         protocol["calib_seqlen"] = args.calib_seqlen
     if args.model.startswith("gemma"):
@@ -308,7 +332,7 @@ def main() -> None:
                str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--calib-seqlen",
                str(args.calib_seqlen), "--grad-windows", str(args.grad_windows), "--grad-seqlen",
                str(args.grad_seqlen), "--grad-offsets", str(offset), "--eval-text", args.eval_text,
-               "--one", spec, str(ratio)]
+               "--extra-eval", *args.extra_eval, "--one", spec, str(ratio)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -66,8 +66,10 @@ def test_streamed_equals_in_memory(sources, tmp_path, arch):
     assert not list(tmp_path.glob(".*lowrank-work"))
 
 
-@pytest.mark.parametrize("options", [dict(inputs="original"), dict(target="compensated", scalings=["whitening"])],
-                         ids=["original-inputs", "compensated-target"])
+@pytest.mark.parametrize("options", [
+    dict(inputs="original"), dict(target="compensated", scalings=["whitening"]),
+    dict(scalings=["whitening"], corrections=[{"aa-svd": {"epochs": 2, "lr": 1e-3, "progress": False}}]),
+], ids=["original-inputs", "compensated-target", "aa-svd"])
 def test_streamed_equals_in_memory_for_other_input_streams(sources, tmp_path, monkeypatch, options):
     from lowrank._engine.stream import StreamHooks
 
@@ -157,10 +159,32 @@ def test_bad_input_writes_nothing(sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "full"]
 
 
-def test_a_recipe_that_needs_the_whole_model_is_refused(sources, tmp_path):
-    recipe = lowrank.Recipe(allocator={"zero-sum": {"gradient_windows": 2, "gradient_seqlen": 16}},
-                            scalings=["whitening"], ratio=0.3)
-    with pytest.raises(lowrank.CompressionError, match="whole model"):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("options", [dict(allocator={"zero-sum": {"gradient_windows": 2, "gradient_seqlen": 16}}),
+                                     dict(scalings=["fwsvd"])], ids=["zero-sum", "fwsvd"])
+def test_streamed_gradient_pass_equals_in_memory(sources, tmp_path, arch, options):
+    """Zero-sum's scores and fwsvd's statistics come from a gradient pass, which a streamed run
+    makes one block at a time: the same ranks, and factors equal up to summation order."""
+    recipe = lowrank.Recipe(ratio=0.3, **{"scalings": ["whitening"], **options})
+    model = lowrank.load(sources[arch])
+    memory = lowrank.compress(model, recipe, calibration(), progress=False)
+    lowrank.save(model, tmp_path / "memory")
+    streamed = lowrank.compress_checkpoint(sources[arch], tmp_path / "stream", recipe, calibration(), progress=False)
+    assert [m.rank for m in streamed.matrices] == [m.rank for m in memory.matrices]
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    assert any("gradient pass" in n for n in streamed.notes)
+
+
+@pytest.mark.parametrize("allocator, match", [
+    ({"zero-sum": {"gradient_windows": 2, "gradient_seqlen": 16, "stages": 2}}, "2 stages"),
+    ({"sensitivity": {"candidates": [0.5, 0.9], "windows": 1, "cache": False, "progress": False}}, "whole model"),
+], ids=["multi-stage", "sensitivity"])
+def test_a_recipe_that_needs_the_whole_model_is_refused(sources, tmp_path, allocator, match):
+    recipe = lowrank.Recipe(allocator=allocator, scalings=["whitening"], ratio=0.3)
+    with pytest.raises(lowrank.CompressionError, match=match):
         lowrank.compress_checkpoint(sources["llama"], tmp_path / "out", recipe, calibration(), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

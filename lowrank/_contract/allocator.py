@@ -80,6 +80,13 @@ class Allocator(Strategy):
         return True
 
     @property
+    def needs_whole_model(self) -> bool:
+        """Whether :meth:`prepare` or :meth:`refine` runs the whole model at once (e.g. a loss over
+        the calibration windows). A streamed run holds one block at a time and refuses such an
+        allocator before it starts; gradient scores (:meth:`component_scorer`) need no such flag."""
+        return False
+
+    @property
     def stages(self) -> int:
         """Planning stages; between two of them :meth:`refine` may change the weights."""
         return 1

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._contract.allocator import Allocator
 from .._contract.blocks import BlockInputs
 from .._contract.errors import CompressionError
 from .._contract.model import weight_of
@@ -94,11 +95,13 @@ class Ranks:
             return default
         needs = setup.needs
         per_window = needs.inputs or needs.block or getattr(needs, "reference", False) or getattr(needs, "cross", False)
-        if per_window or needs.gradients or setup.recipe.corrections:
+        scored = type(setup.recipe.allocator).component_scorer is not Allocator.component_scorer
+        if per_window or needs.gradients or scored or setup.recipe.corrections:
             raise CompressionError(
                 "a multi-process run sums statistics across processes; this recipe needs per-window "
-                "inputs, the block context, the original model's hidden states, gradients or "
-                "corrections, which are not split yet: run it in one process")
+                "inputs, the block context, the original model's hidden states, gradients (a scaling's "
+                "statistics or an allocator's scores) or corrections, which are not split yet: run it in "
+                "one process")
         return DistributedBlockPass(setup, self)
 
 

@@ -17,6 +17,10 @@ __all__ = ["BlockHooks"]
 class BlockHooks:
     """Callbacks around each block of a run; every method of the base class does nothing."""
 
+    #: Whether blocks live on disk between passes (only one block is ever in memory), so that a
+    #: pass through the whole model at once (a gradient pass) must go block by block.
+    streams_blocks: bool = False
+
     def start(self, inputs: BlockInputs) -> int:
         """Before the compression pass: the first block to compress (a resumed run skips the
         finished ones and may replace ``inputs.hidden`` with the saved hidden states)."""

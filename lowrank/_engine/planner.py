@@ -22,7 +22,7 @@ from .._contract.spectrum import MatrixSpectrum, Selection
 from .._contract.stats import LayerStats
 from .block_pass import BlockPass, MatrixProfile, checked_allocation
 from .contexts import EngineModelContext, EngineRefineContext
-from .gradients import gradient_pass
+from .gradients_blockwise import run_gradient_pass
 from .guard import Undo
 from .setup import GradientStats, RunSetup, model_on_device, naming_block, on_device
 
@@ -50,8 +50,8 @@ def gradient_statistics(setup: RunSetup) -> dict[str, GradientStats]:
         acc.row_sq += g2.sum(1)
         acc.col_sq += g2.sum(0)
 
-    with setup.timer.phase("gradients"), model_on_device(setup):
-        info = gradient_pass(setup.model, setup.windows_for_gradients(None), setup.modules(), probe)
+    with setup.timer.phase("gradients"):
+        info = run_gradient_pass(setup, setup.windows_for_gradients(None), probe)
     note_gradient_pass(setup, "statistics", info)
     return {n: GradientStats(s.row_sq.cpu(), s.col_sq.cpu()) for n, s in sums.items()}
 
@@ -80,7 +80,8 @@ class GlobalPlanner:
         for stage in range(stages):
             last = stage == stages - 1
             plan, profiles = self._plan_stage(allocator, inputs, keep_profiles=not last,
-                                              keep_last=last and setup.recipe.inputs == "original")
+                                              keep_last=last and setup.recipe.inputs == "original"
+                                              and not setup.hooks.streams_blocks)
             if last:
                 break
             if not teacher:
@@ -154,9 +155,8 @@ class GlobalPlanner:
             totals[name] = totals[name] + scores if name in totals else scores
             counts[name] = counts.get(name, 0) + 1
 
-        with setup.timer.phase("gradients"), model_on_device(setup):
-            info = gradient_pass(setup.model, self._gradient_data(allocator), setup.modules(), probe,
-                                 lean=bool(allocator.lean_gradients))
+        with setup.timer.phase("gradients"):
+            info = run_gradient_pass(setup, self._gradient_data(allocator), probe, lean=bool(allocator.lean_gradients))
         note_gradient_pass(setup, "scores", info)
         return {name: dataclasses.replace(s, scores=totals[name] / counts[name]) if name in totals else s
                 for name, s in spectra.items()}

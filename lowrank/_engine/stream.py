@@ -9,8 +9,11 @@ the calibration hidden states, whatever the number of blocks. The run is the in-
 the factors are the same bit for bit.
 
 Passes over the blocks (each reads every block from disk once): a ``matrix`` allocator one; a
-``global`` allocator one more, the planning pass, before it. Strategies that need a pass over the
-whole model at once (a gradient pass, a loss) are refused with a clear error.
+``global`` allocator one more, the planning pass, before it; a gradient pass (zero-sum's scores,
+fwsvd's statistics) two more, forward and backward, one block at a time
+(``_engine/gradients_blockwise.py``). Strategies that need the whole model at once in another way
+(a loss over the model: sensitivity; a refinement between planning stages: multi-stage
+zero-sum, soco) are refused with a clear error.
 
 Everything is written into a work directory (``_engine/resume.py``) that becomes the output,
 renamed, only when the run has finished; after a crash ``resume=True`` continues from the last
@@ -66,6 +69,8 @@ _TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt", "adde
 
 class StreamHooks(BlockHooks):
     """Read a block before each pass reaches it; after the compression pass, write and free it."""
+
+    streams_blocks = True
 
     def __init__(self, setup: RunSetup, reader: ShardReader, work: WorkDir, state: RunState, undo: Undo,
                  ranks: Ranks) -> None:
@@ -143,12 +148,26 @@ def _exporter(recipe: Recipe) -> Exporter:
     return exporter
 
 
+def _check_streamable(recipe: Recipe) -> None:
+    allocator = recipe.allocator
+    if allocator.needs_whole_model:
+        raise CompressionError(
+            f"allocator {allocator.name!r} needs the whole model at once (a loss over the calibration "
+            "windows), which a streamed run does not hold; compress in memory with lowrank.compress, or "
+            "choose an allocator that streams (uniform, energy, loss-aware, zero-sum with one stage)")
+    if allocator.stages > 1:
+        raise CompressionError(
+            f"allocator {allocator.name!r} plans in {allocator.stages} stages, and between two stages it "
+            "changes weights across the whole model, which a streamed run (one block at a time) cannot "
+            "do; use one stage (e.g. zero-sum with stages: 1) or compress in memory")
+
+
 def _meta_guard(module: nn.Module, args: Any) -> None:
     if next(module.parameters()).device.type == "meta":
         raise CompressionError(
-            "a strategy of this recipe needs a pass through the whole model at once (a gradient pass "
-            "or a loss, e.g. gradient-based scalings or the zero-sum, loss-aware and sensitivity "
-            "allocators), which a streamed run does not make; compress in memory with lowrank.compress")
+            "a strategy of this recipe needs the whole model at once (a loss over the model, e.g. the "
+            "sensitivity allocator), which a streamed run does not hold; compress in "
+            "memory with lowrank.compress")
 
 
 def _open_model(source: Path, dtype: Any) -> tuple[nn.Module, ShardReader, str]:
@@ -235,6 +254,7 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
     """
     recipe = recipe if recipe is not None else Recipe()
     _check_arguments(recipe, calibration, batch_size)
+    _check_streamable(recipe)
     source, target = Path(source), check_output_directory(out)
     exporter = _exporter(recipe)
     started = time.perf_counter()

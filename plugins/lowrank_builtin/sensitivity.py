@@ -116,6 +116,10 @@ class Sensitivity(lowrank.Allocator):
     Config = SensitivityConfig
     scope = "global"
 
+    @property
+    def needs_whole_model(self) -> bool:  # a perplexity of the whole model per matrix and fraction
+        return True
+
     #: per matrix, kept fraction -> perplexity; filled on the copy ``prepare`` returns
     table: dict[str, dict[float, float]] = {}
     base_perplexity: float | None = None
