@@ -52,6 +52,8 @@ class WhiteningConfig:
     jitter: float = Field(1e-6, gt=0.0, lt=1.0, description="first diagonal jitter, relative to the mean eigenvalue")
     max_tries: int = Field(6, ge=1, le=20, description="Cholesky attempts, jitter x10 each time")
     eig_floor: float = Field(1e-10, gt=0.0, lt=1.0, description="eigenvalue floor of the fallback, relative to the largest")
+    ridge: float = Field(0.0, ge=0.0, le=1.0, description="absolute ridge added to the covariance X X^T / tokens "
+                                                         "before the Cholesky (ZS-SVD's code adds 1e-4; SVD-LLM none)")
 
 
 def cholesky_factor(cov: torch.Tensor, jitter: float = 1e-6, max_tries: int = 6,
@@ -98,7 +100,10 @@ class Whitening(lowrank.Scaling):
         # q/k/v (and gate/up) share one LayerStats: factor their covariance once.
         key = (self.name, self.config)
         if key not in stats.cache:
-            stats.cache[key] = cholesky_factor(stats.covariance, self.config.jitter, self.config.max_tries,
+            cov = stats.covariance
+            if self.config.ridge:   # a fixed ridge, as ZS-SVD's profiling adds: C + ridge I
+                cov = cov + self.config.ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            stats.cache[key] = cholesky_factor(cov, self.config.jitter, self.config.max_tries,
                                                self.config.eig_floor)
         op, notes = stats.cache[key]
         return Transform(right=op, notes=list(notes))

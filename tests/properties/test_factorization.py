@@ -375,3 +375,18 @@ def test_layer_stats_transformed_is_the_statistics_of_the_transformed_inputs(dat
         assert out.abs_mean is None
     same = stats.transformed(Transform(left=op))
     assert torch.equal(same.gram, stats.gram) and torch.equal(same.abs_mean, stats.abs_mean)
+
+
+@given(problem=problems(), ridge=st.sampled_from([1e-4, 1e-2, 1.0]))
+def test_whitening_ridge_factors_the_ridged_covariance(problem, ridge):
+    """``ridge`` (ZS-SVD's profiling) whitens C + ridge I: S S^T equals it up to round-off, and the
+    optimum it reaches is the activation-norm optimum of the ridged inputs."""
+    w, calib = problem.mat.w, problem.calib
+    m, n = w.shape
+    stats = calib.stats()
+    c = stats.covariance + ridge * torch.eye(n, dtype=DTYPE)
+    svd = scaled_svd(w, stats, [Whitening(ridge=ridge)])
+    assert not any("jitter" in note or "fallback" in note for note in svd.notes), svd.notes
+    _, right = chain_matrices(svd.transforms, m, n)
+    assert torch.allclose(right @ right.T, c, rtol=1e-8, atol=TOL * U * n * spec(c))
+    assert torch.allclose(svd.s, torch.linalg.svdvals(w @ right), rtol=1e-8, atol=TOL * U * n * spec(c) * fro(w))
