@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
+    # Build from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and an
+    # egg-info left in the source tree would register the plugin in any process that has that
+    # folder on its path.
+    source = tmp_path_factory.mktemp("src") / PLUGIN.name
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(PLUGIN)], check=True)
+                    "--target", str(target), str(source)], check=True)
     return target
 
 
@@ -141,14 +147,27 @@ def test_activation_energy_compresses_through_the_cli(plugin_site, tiny_model_di
         assert m["rank"] is None or 1 <= m["rank"] <= breakeven_rank(rows, cols)
     assert len({m["rank"] for m in report["matrices"]}) > 1         # not one rank for every matrix
 
-    # The checkpoint loads without the plugin (this process has not installed it); only its
-    # recipe, which names the plugin's allocator, is left off, with a warning that says so.
-    with pytest.warns(RuntimeWarning, match="unknown allocator 'activation-energy'"):
-        model = lowrank.load(out)
-    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(ids).logits
-    assert logits.shape == (2, 16, vocab) and torch.isfinite(logits).all()
+    # The checkpoint loads without the plugin: a fresh process that loads the built-ins only
+    # (LOWRANK_LOAD_PLUGINS="", whatever this machine happens to have installed). Only its recipe,
+    # which names the plugin's allocator, is left off, with a warning that says so.
+    script = (
+        "import warnings, torch, lowrank\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    model = lowrank.load({str(out)!r})\n"
+        f"ids = torch.randint(0, {vocab}, (2, 16), generator=torch.Generator().manual_seed(0))\n"
+        "with torch.no_grad():\n"
+        "    logits = model(ids).logits\n"
+        f"assert logits.shape == (2, 16, {vocab}) and torch.isfinite(logits).all()\n"
+        "print(getattr(model, 'lowrank_recipe', None) is None)\n"
+        "print(' | '.join(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))\n"
+    )
+    env = {**_env(plugin_site), "LOWRANK_LOAD_PLUGINS": ""}
+    load = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert load.returncode == 0, load.stderr
+    recipe_dropped, warned = load.stdout.splitlines()
+    assert recipe_dropped == "True"
+    assert "unknown allocator 'activation-energy'" in warned
 
 
 # -- the allocator as a unit ------------------------------------------------------------------------
