@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,18 +16,20 @@ class BlockInputs:
     """Hidden states for every calibration batch and the extra arguments of every block.
 
     Attributes:
-        hidden: One hidden-state tensor per calibration batch, entering the current block.
+        hidden: One hidden-state tensor per calibration batch, entering the current block: a list,
+            or a read-only sequence that reads each batch from disk when indexed (a streamed run
+            with ``offload``); index it or iterate it, ``list()`` it only to hold them all.
         extra: ``extra[shape][i]`` holds block i's (args, kwargs) for batches of that shape; masks
             and rotary tables depend only on the batch shape when there is no padding.
         reference: The uncompressed model's hidden states entering the current block, when the run
             carries them beside the compressed ones (sequential inputs with a compensated target
-            or a correction that needs them); None otherwise. Batches that have not diverged yet
-            are the very same tensors as in ``hidden``.
+            or a correction that needs them); None otherwise. Until the first compressed block it
+            is the very same sequence as ``hidden``.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: Sequence[torch.Tensor]
     extra: dict[tuple[int, int], dict[int, tuple[tuple, dict]]]
-    reference: list[torch.Tensor] | None = None
+    reference: Sequence[torch.Tensor] | None = None
 
     def args_for(self, block: int, batch: torch.Tensor) -> tuple[tuple, dict]:
         """Block ``block``'s extra (args, kwargs) for a batch shaped like ``batch``."""
@@ -59,7 +62,7 @@ class BlockContext:
     local: str
     inputs: BlockInputs
     index: int
-    targets: list[torch.Tensor]
+    targets: Sequence[torch.Tensor]
 
     def run(self, batch: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The block's output on calibration batch ``batch``, with ``params`` substituted."""

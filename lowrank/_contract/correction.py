@@ -14,6 +14,7 @@ step), because it changes what the next stage plans.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -54,10 +55,10 @@ class BlockCorrectionContext:
     targets: list[Target]
     factored: dict[str, LowRankLinear]
     inputs: BlockInputs
-    original_outputs: list[torch.Tensor]
+    original_outputs: Sequence[torch.Tensor]
     device: torch.device
-    reference_inputs: list[torch.Tensor] | None = None
-    reference_outputs: list[torch.Tensor] | None = None
+    reference_inputs: Sequence[torch.Tensor] | None = None
+    reference_outputs: Sequence[torch.Tensor] | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from .compensation import CrossCollector, compensated_weight
 from .device import STORAGE_DTYPES
 from .factorize import scaled_svd_batch
 from .guard import Undo
+from .offload import same_stream
 from .setup import RunSetup
 from .stats import StatsCollector
 from .svd import needed_components
@@ -49,8 +51,8 @@ class CollectedBlock:
     """
 
     collector: StatsCollector
-    outputs: list[torch.Tensor] | None
-    reference_outputs: list[torch.Tensor] | None = None
+    outputs: Sequence[torch.Tensor] | None
+    reference_outputs: Sequence[torch.Tensor] | None = None
     cross: CrossCollector | None = None
 
 
@@ -121,11 +123,12 @@ class BlockPass:
         collector = StatsCollector(want_abs_mean=setup.needs.abs_mean, want_inputs=setup.needs.inputs)
         targets = setup.targets_of(index) if statistics else []
         modules = {t.name: block.get_submodule(t.local) for t in targets}
-        outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+        store = setup.store
+        outputs = store.writer() if keep_outputs else None
         reference = inputs.reference if setup.needs.reference else None
-        diverged = reference is not None and any(r is not h for r, h in zip(reference, inputs.hidden))
+        diverged = reference is not None and not same_stream(reference, inputs.hidden)
         cross = CrossCollector() if setup.needs.cross and diverged and statistics else None
-        reference_outputs: list[torch.Tensor] | None = [] if diverged else None
+        reference_outputs = store.writer() if diverged else None
         reference_seconds = 0.0
         with setup.timer.phase("forward"), torch.no_grad(), collector.attached(modules), \
                 (cross.attached(modules) if cross is not None else contextlib.nullcontext()):
@@ -143,9 +146,11 @@ class BlockPass:
         setup.timer.add("forward", -hooks - reference_seconds)   # the hooks' time is statistics, not forward
         setup.timer.add("statistics", hooks)
         setup.timer.add("forward_reference", reference_seconds)
+        kept = store.done(outputs) if outputs is not None else None
+        reference_kept = store.done(reference_outputs) if reference_outputs is not None else None
         if reference is not None and not diverged:
-            reference_outputs = outputs   # nothing compressed upstream yet: one stream
-        return CollectedBlock(collector, outputs, reference_outputs, cross)
+            reference_kept = kept   # nothing compressed upstream yet: one stream
+        return CollectedBlock(collector, kept, reference_kept, cross)
 
     def _stats_for(self, target: Target, block: nn.Module, index: int, inputs: BlockInputs,
                    collected: CollectedBlock) -> LayerStats:
@@ -232,7 +237,8 @@ class BlockPass:
                 setattr(report, f.name, getattr(change, f.name))
         return report
 
-    def forward(self, block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
-        """The (compressed) block's outputs on its inputs: the next block's sequential inputs."""
+    def forward(self, block: nn.Module, index: int, inputs: BlockInputs) -> Sequence[torch.Tensor]:
+        """The (compressed) block's outputs on its inputs: the next block's sequential inputs
+        (each batch goes to the run's store as soon as it is computed)."""
         with self.setup.timer.phase("forward_next"), torch.no_grad():
-            return [run_block(block, h, *inputs.args_for(index, h)) for h in inputs.hidden]
+            return self.setup.store.keep(run_block(block, h, *inputs.args_for(index, h)) for h in inputs.hidden)

@@ -55,6 +55,7 @@ class _CompressionPass:
         setup = self.setup
         with setup.timer.phase("capture"):
             inputs = capture_block_inputs(setup.model, setup.blocks, setup.batches(), setup.device)
+            inputs.hidden = setup.store.keep(inputs.hidden)   # to disk, when the run offloads them
         if setup.needs.gradients:
             setup.gradient_stats = gradient_statistics(setup)
         plan = None
@@ -75,7 +76,7 @@ class _CompressionPass:
         original = setup.recipe.inputs == "original"
         keep = original or setup.needs.block or setup.needs.reference or bool(setup.recipe.corrections)
         if setup.needs.reference and inputs.reference is None:
-            inputs.reference = list(inputs.hidden)   # one stream until the first block is compressed
+            inputs.reference = inputs.hidden   # one stream until the first block is compressed
         first = setup.hooks.start(inputs)  # a resumed run skips the finished blocks
         for index in setup.bar("compressing"):
             if index < first:

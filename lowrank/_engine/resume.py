@@ -3,7 +3,9 @@
 ``<work>/out/`` holds the shards written so far (it becomes the output directory, renamed, when the
 run ends); ``<work>/state.json`` says how many blocks are finished, the weight map, the report so
 far and the global allocator's plan; ``<work>/hidden-<k>.safetensors`` holds the hidden states
-entering block k (every calibration batch) and the RNG states (CPU, current CUDA device).
+entering block k (every calibration batch) and the RNG states (CPU, current CUDA device); a run
+that offloads its hidden states (``_engine/offload.py``) keeps them in ``hidden-<k>.<stream>.bin``
+beside it, hard links of the offload files, named in the safetensors metadata.
 ``state.json`` is written last and atomically after each block: it is the commit point, so a run
 killed at any moment resumes from the last block it names.
 """
@@ -23,6 +25,7 @@ import torch
 from .._contract.blocks import BlockInputs
 from .._contract.errors import CompressionError
 from .._contract.spectrum import Selection
+from .offload import DiskStore, HiddenStore, OffloadedBatches, same_stream
 
 __all__ = ["WorkDir", "RunState", "fingerprint"]
 
@@ -70,10 +73,12 @@ class RunState:
 class WorkDir:
     """The hidden sibling directory ``.<out name>.lowrank-work`` (or the one given) of a run."""
 
-    def __init__(self, out: Path, work: Path | None = None) -> None:
+    def __init__(self, out: Path, work: Path | None = None, tag: str = "") -> None:
         self.out = out
         self.path = work if work is not None else out.parent / f".{out.name}.lowrank-work"
         self.shards = self.path / "out"
+        # each process of a multi-process run saves its own share of the hidden states
+        self.tag = tag
 
     def begin(self, key: str, resume: bool) -> RunState:
         """A fresh work directory, or (``resume``) the state an interrupted run left."""
@@ -85,8 +90,9 @@ class WorkDir:
             state = RunState(**json.loads(state_file.read_text(encoding="utf-8")).get("state", {}))
             if state.fingerprint != key:
                 raise CompressionError(
-                    f"--resume: the run in {self.path} used another model, recipe, calibration, dtype or "
-                    "batch size; resume with the same arguments, or delete that directory to start again")
+                    f"--resume: the run in {self.path} used another model, recipe, calibration, dtype, "
+                    "batch size, number of processes or offload setting; resume with the same arguments, or "
+                    "delete that directory to start again")
             return state
         if self.path.exists():
             raise CompressionError(
@@ -105,40 +111,67 @@ class WorkDir:
 
     def save_hidden(self, done: int, inputs: BlockInputs) -> None:
         """The hidden states entering block ``done`` (and the original model's, when the run carries
-        them) and the RNG states (CPU, current CUDA device), before the commit."""
+        them) and the RNG states (CPU, current CUDA device), before the commit. Offloaded streams
+        are already files: they are hard-linked beside the state and named in its metadata."""
         from safetensors.torch import save_file
 
-        tensors = {f"hidden.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(inputs.hidden)}
-        for i, h in enumerate(getattr(inputs, "reference", None) or []):
-            tensors[f"reference.{i}"] = h.detach().to("cpu").contiguous()
+        tensors: dict[str, torch.Tensor] = {}
+        record: dict[str, Any] = {}
+        streams = {"hidden": inputs.hidden, "reference": getattr(inputs, "reference", None)}
+        for name, stream in streams.items():
+            if stream is None:
+                continue
+            if name == "reference" and same_stream(stream, inputs.hidden):
+                record["reference"] = "hidden"   # nothing compressed upstream yet: one stream
+            elif isinstance(stream, OffloadedBatches):
+                record[name] = stream.link(self.path / f"hidden-{done}{self.tag}.{name}.bin")
+            else:
+                tensors.update({f"{name}.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(stream)})
         tensors["rng"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["cuda_rng"] = torch.cuda.get_rng_state()
-        tmp = self.path / f"hidden-{done}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path / f"hidden-{done}.safetensors")
+        tmp = self.path / f"hidden-{done}{self.tag}.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"streams": json.dumps(record)})
+        os.replace(tmp, self.path / f"hidden-{done}{self.tag}.safetensors")
 
     def drop_hidden(self, keep: int) -> None:
-        """Delete the hidden states of every block but ``keep`` (after the commit)."""
-        for path in self.path.glob("hidden-*.safetensors"):
-            if path.name != f"hidden-{keep}.safetensors":
-                path.unlink()
+        """Delete this process's hidden states of every block but ``keep`` (after the commit)."""
+        for path in self.path.glob(f"hidden-*{self.tag}.*"):
+            if not path.name.startswith(f"hidden-{keep}{self.tag}."):
+                path.unlink(missing_ok=True)
 
-    def load_hidden(self, done: int, inputs: BlockInputs, device: torch.device) -> None:
-        """Put the saved hidden states entering block ``done`` into ``inputs``; restore the RNG states."""
+    def load_hidden(self, done: int, inputs: BlockInputs, device: torch.device, store: HiddenStore) -> None:
+        """Put the saved hidden states entering block ``done`` into ``inputs`` (into ``store``'s
+        files when the run offloads them); restore the RNG states."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        path = self.path / f"hidden-{done}.safetensors"
+        path = self.path / f"hidden-{done}{self.tag}.safetensors"
         if not path.is_file():
             raise CompressionError(f"--resume: {path} is missing; the work directory is damaged, delete it")
+        with safe_open(str(path), "pt") as f:
+            record = json.loads((f.metadata() or {}).get("streams", "{}"))
         tensors = load_file(str(path))
         torch.set_rng_state(tensors.pop("rng"))
         cuda_rng = tensors.pop("cuda_rng", None)
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda_rng)
-        inputs.hidden = [tensors[f"hidden.{i}"].to(device) for i in range(len(inputs.hidden))]
-        if f"reference.{0}" in tensors:
-            inputs.reference = [tensors[f"reference.{i}"].to(device) for i in range(len(inputs.hidden))]
+        count = len(inputs.hidden)
+
+        def stream(name: str):
+            if isinstance(record.get(name), dict):
+                if not isinstance(store, DiskStore):
+                    raise CompressionError("--resume: the interrupted run offloaded its hidden states; "
+                                           "resume it with the same offload setting")
+                return OffloadedBatches.opened(record[name], self.path, store, device)
+            if f"{name}.0" not in tensors:
+                return None
+            return store.keep(tensors[f"{name}.{i}"].to(device) for i in range(count))
+
+        inputs.hidden = stream("hidden")  # type: ignore[assignment]
+        reference = inputs.hidden if record.get("reference") == "hidden" else stream("reference")
+        if reference is not None:
+            inputs.reference = reference
 
     def finish(self) -> None:
         """Rename the finished checkpoint to the output directory and delete the work directory."""

@@ -18,6 +18,7 @@ from .device import PhaseTimer, resolve_device
 from .discovery import find_blocks, find_targets
 from .guard import check_weights, validate_inputs
 from .hooks import BlockHooks
+from .offload import HiddenStore, MemoryStore
 
 __all__ = ["naming_block", "StatisticsNeeds", "GradientStats", "RunSetup", "on_device", "model_on_device", "recut_windows",
            "preflight"]
@@ -78,6 +79,7 @@ class RunSetup:
     gradient_data: torch.Tensor | None = None
     gradient_stats: dict[str, GradientStats] = field(default_factory=dict)
     hooks: BlockHooks = field(default_factory=BlockHooks)  # streamed / resumable runs: _engine/stream.py
+    store: HiddenStore = field(default_factory=MemoryStore)  # where hidden states wait: _engine/offload.py
 
     @classmethod
     def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,

@@ -47,6 +47,7 @@ from .distributed import Ranks, init_from_environment
 from .gradients import reset_gpu_peak
 from .guard import Undo
 from .hooks import BlockHooks
+from .offload import OFFLOAD_DTYPES, DiskStore
 from .resume import RunState, WorkDir, fingerprint
 from .setup import RunSetup
 from .weights import (
@@ -88,7 +89,7 @@ class StreamHooks(BlockHooks):
             for m in saved.matrices:
                 if m.block < done and m.rank is not None:
                     self._placeholder(m.name, m.rank)
-            self.work.load_hidden(done, inputs, self.setup.device)
+            self.work.load_hidden(done, inputs, self.setup.device, self.setup.store)
         return done
 
     def _placeholder(self, name: str, rank: int) -> None:
@@ -133,10 +134,12 @@ class StreamHooks(BlockHooks):
         self.state.report = self.setup.report.to_dict()
         if self.ranks.writer:
             write_shard(self.work.shards / name, tensors)
-            self.work.save_hidden(index + 1, inputs)
-            self.work.commit(self.state)
-            self.work.drop_hidden(index + 1)
+        self.work.save_hidden(index + 1, inputs)   # every process its own share of the windows
         self.ranks.barrier()
+        if self.ranks.writer:
+            self.work.commit(self.state)
+        self.ranks.barrier()
+        self.work.drop_hidden(index + 1)
 
 
 def _exporter(recipe: Recipe) -> Exporter:
@@ -196,22 +199,29 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def _start(source: Path, target: Path, recipe: Recipe, calibration: torch.Tensor, batch_size: int, progress: bool,
-           dtype: Any, resume: bool, work_dir: str | os.PathLike[str] | None) -> StreamHooks:
+           dtype: Any, resume: bool, work_dir: str | os.PathLike[str] | None, offload: str | None) -> StreamHooks:
     """Open the model, join the process group, check and set up the run, open (or reopen) the work
     directory, write the shard of everything outside the blocks; the hooks that hold it all."""
     model, reader, prefix = _open_model(source, dtype)
     device = init_from_environment(recipe.device)  # under torchrun: the process group, this rank's device
     ranks = Ranks.current()
-    key = fingerprint(str(source.resolve()), recipe.to_yaml(), calibration, str(model.dtype), batch_size, ranks.size)
+    key = fingerprint(str(source.resolve()), recipe.to_yaml(), calibration, str(model.dtype), batch_size, ranks.size,
+                      offload)
     torch.manual_seed(recipe.seed)
     run_recipe = recipe if device == recipe.device else dataclasses.replace(recipe, device=device)
     setup = RunSetup.create(model, run_recipe, ranks.split(calibration), batch_size, progress and ranks.writer, None)
     setup.report.model_params_before = count_parameters(model)
-    work = WorkDir(target, Path(work_dir) if work_dir is not None else None)
+    work = WorkDir(target, Path(work_dir) if work_dir is not None else None,
+                   tag=f"-rank{ranks.rank}" if ranks.size > 1 else "")
     state = work.begin(key, resume) if ranks.writer else RunState(key)
     ranks.barrier()
     if resume and not ranks.writer:
         state = work.begin(key, resume)
+    if offload is not None:
+        setup.store = DiskStore(work.path / "offload", offload, setup.device)
+        setup.report.notes.append(f"hidden states offloaded to disk in {offload} between blocks"
+                                  + ("" if offload == "float32" else " (rounded: the result differs slightly "
+                                     "from an in-memory run)"))
     first_shard = shard_name(1, len(setup.blocks) + 1)
     rest = non_block_state(model, f"{prefix}.")
     state.weight_map.update(dict.fromkeys(rest, first_shard))
@@ -225,7 +235,7 @@ def _start(source: Path, target: Path, recipe: Recipe, calibration: torch.Tensor
 def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str], recipe: Recipe | None = None,
                         calibration: torch.Tensor | None = None, *, batch_size: int = 8, progress: bool = True,
                         dtype: torch.dtype | None = None, tokenizer: Any = None, resume: bool = False,
-                        work_dir: str | os.PathLike[str] | None = None) -> CompressionReport:
+                        work_dir: str | os.PathLike[str] | None = None, offload: str | None = None) -> CompressionReport:
     """Compress the safetensors checkpoint in ``source`` into ``out`` without loading it whole.
 
     Each decoder block is read from the shards when a pass reaches it and written to a shard of its
@@ -245,6 +255,9 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
         tokenizer: Saved beside the weights; by default the source's tokenizer files are copied.
         resume: Continue the interrupted run of the same arguments from its last finished block.
         work_dir: Where the run keeps its state (default: ``.<out name>.lowrank-work`` beside ``out``).
+        offload: Keep the calibration hidden states in files in the work directory instead of in
+            memory, stored as ``"bfloat16"``, ``"float16"`` or ``"float32"`` (exact: the same
+            checkpoint as without). Host memory then holds one batch of them at a time.
 
     Returns:
         The report (also written to ``out/lowrank_report.json``).
@@ -255,10 +268,13 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
     recipe = recipe if recipe is not None else Recipe()
     _check_arguments(recipe, calibration, batch_size)
     _check_streamable(recipe)
+    if offload is not None and offload not in OFFLOAD_DTYPES:
+        raise CompressionError(f"offload: expected one of {', '.join(OFFLOAD_DTYPES)} or None, got {offload!r}")
     source, target = Path(source), check_output_directory(out)
     exporter = _exporter(recipe)
     started = time.perf_counter()
-    hooks = _start(source, target, recipe, calibration, batch_size, progress, dtype, resume, work_dir)  # type: ignore[arg-type]
+    hooks = _start(source, target, recipe, calibration, batch_size, progress, dtype, resume, work_dir,  # type: ignore[arg-type]
+                   offload)
     setup, work, ranks = hooks.setup, hooks.work, hooks.ranks
     guards = [b.register_forward_pre_hook(_meta_guard) for b in setup.blocks]
     reset_gpu_peak(setup.device)

@@ -63,10 +63,14 @@ def default_out(model: str, ratio: float) -> Path:
 @click.option("--resume", is_flag=True, help="With --stream: continue the interrupted run of the same arguments.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="With --stream: the dtype to compute in (default: the checkpoint's).")
+@click.option("--offload", type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="With --stream: keep the calibration hidden states on disk (in the work directory) in "
+                   "this dtype instead of in memory; float32 is exact.")
 def compress_command(model: str, out: str | None, recipe_file: str | None, scalings: tuple[str, ...],
                      allocator: str | None, exporter: str | None, ratio: float | None, device: str | None,
                      calib: str, calib_windows: int, seqlen: int, eval_source: str, eval_windows: int | None,
-                     batch_size: int, as_json: bool, stream: bool, resume: bool, dtype: str | None) -> None:
+                     batch_size: int, as_json: bool, stream: bool, resume: bool, dtype: str | None,
+                     offload: str | None) -> None:
     """Compress MODEL (a local directory, a bundled name or a hub id; default smollm2-135m) and write
     it to --out (default ./<MODEL name>-lowrank-<ratio>)."""
     from lowrank import Recipe, check_output_directory, resolve_device
@@ -79,11 +83,13 @@ def compress_command(model: str, out: str | None, recipe_file: str | None, scali
     resolve_device(recipe.device)  # an explicit device that is not there fails now, not later
     out_dir = Path(out) if out else default_out(model, recipe.ratio)
     check_output_directory(out_dir)  # fail before the slow part, not after it
+    if offload and not (stream or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise click.UsageError("--offload keeps hidden states in a streamed run's work directory: add --stream")
     if stream or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .stream import run_streamed
 
         result = run_streamed(model, recipe, out_dir, calib, calib_windows, seqlen, batch_size, resume, dtype,
-                              lambda msg: echo_result(msg, as_json))
+                              lambda msg: echo_result(msg, as_json), offload=offload)
     else:
         result = _run(model, recipe, out_dir, calib, calib_windows, seqlen, eval_source, eval_windows,
                       batch_size, as_json)

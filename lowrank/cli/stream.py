@@ -17,7 +17,8 @@ __all__ = ["run_streamed"]
 
 
 def run_streamed(model_name: str, recipe: Any, out_dir: Path, calib: str, calib_windows: int, seqlen: int,
-                 batch_size: int, resume: bool, dtype: str | None, echo: Any) -> dict:
+                 batch_size: int, resume: bool, dtype: str | None, echo: Any,
+                 offload: str | None = None) -> dict:
     """Compress ``model_name`` (a checkpoint directory or a bundled name) into ``out_dir`` streamed;
     the result as the JSON-ready dict that ``lowrank compress --json`` prints."""
     import os
@@ -41,11 +42,11 @@ def run_streamed(model_name: str, recipe: Any, out_dir: Path, calib: str, calib_
 
         torch_dtype = getattr(torch, dtype)
     report = compress_checkpoint(source, out_dir, recipe, calibration, batch_size=batch_size, resume=resume,
-                                 dtype=torch_dtype)
+                                 dtype=torch_dtype, offload=offload)
     if speak:
         echo(report.summary())
         echo(f"wrote {out_dir} (streamed; measure perplexity with: lowrank eval {out_dir})")
-    return {"model": model_name, "out": str(out_dir), "recipe": recipe.to_dict(), "streamed": True,
+    return {"model": model_name, "out": str(out_dir), "recipe": recipe.to_dict(), "streamed": True, "offload": offload,
             "processes": int(os.environ.get("WORLD_SIZE", "1")), "ratio_achieved": report.ratio_achieved,
             "model_params_before": report.model_params_before, "model_params_after": report.model_params_after,
             "timings": report.timings, "peak_memory_bytes": report.peak_memory_bytes}
