@@ -236,6 +236,26 @@ def test_an_unreachable_ratio_with_a_rank_floor_is_an_error():
         ZeroSum(keep_rank_ratio=1.0).allocate(spectra, lowrank.Budget(0.9, 100))
 
 
+@pytest.mark.parametrize("ratio, floor", [(0.2, 0.0), (0.4, 0.0), (0.5, 0.3), (0.6, 0.3), (0.8, 0.15)])
+def test_a_null_rank_floor_takes_the_published_one_for_the_ratio(ratio, floor):
+    """keep_rank_ratio null: the released scripts' floor (0 at 0.2 and 0.4, 0.3 at 0.6; in between
+    and above, the stated choice of ``published_keep_rank_ratio``), the same selections as the
+    explicit setting."""
+    from lowrank_builtin.zero_sum import published_keep_rank_ratio
+
+    assert published_keep_rank_ratio(ratio) == pytest.approx(floor)
+    floor = published_keep_rank_ratio(ratio)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(96, 64), (64, 64), (128, 64)]
+    spectra = [MatrixSpectrum(f"m{i}", sh, torch.rand(min(sh), generator=g, dtype=D).sort(descending=True).values,
+                              -torch.rand(min(sh), generator=g, dtype=D) * 10.0 ** (-i))
+               for i, sh in enumerate(shapes)]
+    budget = lowrank.Budget(ratio, sum(a * b for a, b in shapes))
+    assert ZeroSum(keep_rank_ratio=None).allocate(spectra, budget) == ZeroSum(keep_rank_ratio=floor).allocate(spectra, budget)
+    if floor:   # the floor binds on the matrix the scores would starve
+        assert ZeroSum(keep_rank_ratio=None).allocate(spectra, budget) != ZeroSum(keep_rank_ratio=0.0).allocate(spectra, budget)
+
+
 @pytest.mark.parametrize("stages", [1, 2])
 def test_original_inputs_truncate_exactly_the_scored_svds(stages, monkeypatch):
     """With inputs: original the compression pass applies the plan to the planner's own SVDs (no

@@ -40,8 +40,8 @@ from lowrank import (
     stored_params,
 )
 
-__all__ = ["ZeroSum", "ZeroSumConfig", "zero_sum_ranks", "component_floor", "predicted_changes",
-           "project_onto_gradients", "STRATEGIES"]
+__all__ = ["ZeroSum", "ZeroSumConfig", "zero_sum_ranks", "component_floor", "published_keep_rank_ratio",
+           "predicted_changes", "project_onto_gradients", "STRATEGIES"]
 
 
 @lowrank.strategy_config
@@ -50,10 +50,11 @@ class ZeroSumConfig:
     gradient_windows: int = Field(1, ge=1, description="sequences for the scoring gradients (published: 1)")
     gradient_seqlen: int = Field(2048, ge=2, description="tokens per gradient sequence (published: 2048)")
     lean: bool = Field(True, description="score inside the gradient hook and drop each gradient at once")
-    keep_rank_ratio: float = Field(
+    keep_rank_ratio: float | None = Field(
         0.0, ge=0.0, le=1.0,
         description="every matrix keeps at least max(1, ceil(this x r*)) components (published: 0 at "
-                    "ratios 0.2/0.4, 0.3 at 0.6)")
+                    "ratios 0.2/0.4, 0.3 at 0.6); null: the published value for the run's ratio (0 up to "
+                    "0.4, 0.3 to 0.6, then 0.75 x (1 - ratio))")
     stages: int = Field(1, ge=1, le=50, description="planning stages; the correction runs between two "
                                                     "(published multi-stage scripts: 6)")
     correction_batches: int = Field(1, ge=1, description="gradient batches of the correction (published: 1)")
@@ -80,6 +81,18 @@ def _unscaled_bases(svd) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- the selection --------------------------------------------------------------------------------
+
+
+def published_keep_rank_ratio(ratio: float) -> float:
+    """The rank floor ZS-SVD's released scripts set for ``ratio``: 0 at 0.2 and 0.4, 0.3 at 0.6.
+
+    The scripts give no other ratio (a stated choice for the rest): 0 up to 0.4, 0.3 above 0.4 up
+    to 0.6, and above 0.6 a floor that spends the same share of the budget as 0.3 does at 0.6
+    (floors of f x r* components store f of the dense parameters, 0.3 of the 0.4 kept at 0.6), so
+    0.75 x (1 - ratio): a fixed 0.3 could not reach ratios above 0.7 at all."""
+    if ratio <= 0.4 + 1e-9:
+        return 0.0
+    return min(0.3, 0.75 * (1.0 - ratio))
 
 
 def component_floor(shape: tuple[int, int], keep_rank_ratio: float) -> int:
@@ -204,13 +217,15 @@ class ZeroSum(lowrank.Allocator):
                 raise lowrank.CompressionError(f"allocator 'zero-sum': non-finite loss-change scores for {s.name}")
             scores.append(sc.tolist())
         shapes = [s.shape for s in spectra]
-        floors = [component_floor(sh, self.config.keep_rank_ratio) for sh in shapes]
+        keep = self.config.keep_rank_ratio
+        keep = published_keep_rank_ratio(budget.ratio) if keep is None else keep
+        floors = [component_floor(sh, keep) for sh in shapes]
         ranks, _ = zero_sum_ranks(shapes, scores, budget.allowed_params, floors)
         total = sum(stored_params(*sh, k) for sh, k in zip(shapes, ranks))
         if total > budget.allowed_params:
             raise lowrank.CompressionError(
                 f"allocator 'zero-sum': the ratio {budget.ratio} cannot be met with keep_rank_ratio "
-                f"{self.config.keep_rank_ratio} (at most {1 - total / budget.dense_params:.4f} removable); "
+                f"{keep} (at most {1 - total / budget.dense_params:.4f} removable); "
                 "lower keep_rank_ratio")
         return [Selection.dense() if k > breakeven_rank(*sh) else Selection.prefix(k) for sh, k in zip(shapes, ranks)]
 
