@@ -28,16 +28,17 @@ OFFICIAL = {
 # The recommended preset's targets (15 % below the best official run at each ratio).
 TARGETS = {0.2: 35.1, 0.4: 65.1, 0.6: 160.7}
 
-# preset -> result files (stems under bench/results); a recipe label -> the preset it measures
+# preset -> result files (stems under bench/results); extra rows (in parentheses) show an earlier
+# setting of a preset, for the difference it made
 RUNS: dict[str, list[str]] = {
     "svd-llm": ["svd-llm-protocol-cpu-0.2", "svd-llm-protocol-cpu-0.4", "svd-llm-protocol-cpu-0.6"],
-    "zs-svd": ["zs-svd-protocol-cpu"],
-    "zs-svd (official profiling: ridge 1e-4; floor 0.3 at 0.6)": ["zs-svd-ridge-cpu-0.4", "zs-svd-ridge-floor-cpu-0.6"],
-    "zs-svd (ridge 1e-4, no floor)": ["zs-svd-ridge-cpu-0.6"],
-    "zs-svd-multistage": [],
-    "asvd": [],
-    "sigmascale": [],
-    "aa-svd": [],
+    "zs-svd": ["zs-svd-ridge-cpu-0.2", "zs-svd-ridge-cpu-0.4", "zs-svd-ridge-floor-cpu-0.6"],
+    "zs-svd (without the published floor at 0.6)": ["zs-svd-ridge-cpu-0.6"],
+    "zs-svd (earlier preset: no ridge, no floor)": ["zs-svd-protocol-cpu"],
+    "zs-svd-multistage": ["zs-svd-multistage-protocol-cpu-0.4"],
+    "asvd": ["asvd-cpu-small"],
+    "sigmascale": ["sigmascale-cpu-small"],
+    "aa-svd": ["aa-svd-preset-cpu-small"],
     "recommended": ["recommended-protocol-cpu-0.2", "recommended-protocol-cpu-0.4", "recommended-protocol-cpu-0.6"],
 }
 
@@ -63,8 +64,12 @@ def write(name: str) -> None:
              "windows, seed 3); gradient (zero-sum) the first calibration window; perplexity on the first 64 "
              "windows of 512 tokens of Pride and Prejudice (P&P) and of Persuasion (never calibrated on). "
              "Dense: P&P 29.99, Persuasion 40.79.", "",
-             "| preset | ratio | achieved | P&P | official code | difference | Persuasion | compress s | peak RSS MiB | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Setting: `full` is that protocol; `CPU-sized` rows calibrate on fewer windows (stated: windows x "
+             "tokens), evaluated the same way, for the presets whose search or training takes hours on 2 CPU "
+             "cores (their perplexities are not comparable with the full-protocol rows). Times are wall seconds "
+             "of the compression on a machine shared with other jobs (upper bounds).", "",
+             "| preset | setting | ratio | achieved | P&P | official code | difference | Persuasion | compress s | peak RSS MiB | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +79,7 @@ def write(name: str) -> None:
     for label, stems in RUNS.items():
         rows = _rows(stems)
         if not rows:
-            lines.append(f"| {label} | | | not run yet | | | | | | |")
+            lines.append(f"| {label} | | | | not run yet | | | | | | |")
             continue
         for r in rows:
             official = _official(label, r["ratio"])
@@ -82,7 +87,10 @@ def write(name: str) -> None:
             other = r.get("extra_perplexity", {}).get("austen:persuasion")
             machine = r["machine"]
             where = machine.get("gpu") or f"{machine['cores']}-core CPU"
-            lines.append(f"| {label} | {r['ratio']:.1f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.2f} | "
+            proto = r["protocol"]
+            setting = ("full" if proto["calib_windows"] == 128 and proto["seqlen"] == 512
+                       else f"CPU-sized {proto['calib_windows']} x {proto['seqlen']}")
+            lines.append(f"| {label} | {setting} | {r['ratio']:.1f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.2f} | "
                          f"{official if official else ''} | {diff} | {f'{other:.2f}' if other else ''} | "
                          f"{r.get('timings', {}).get('total', 0):.0f} | {r.get('compress_rss_peak_mb', 0):.0f} | {where} |")
         line, = ax.plot([r["ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=label)

@@ -195,7 +195,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, size: int, port: int, source: str, out: str) -> None:
+def _worker(rank: int, size: int, port: int, source: str, out: str, options: dict | None = None) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -204,17 +204,27 @@ def _worker(rank: int, size: int, port: int, source: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        lowrank.compress_checkpoint(source, out, lowrank.Recipe(**RECIPE), calibration(), progress=False,
-                                    batch_size=2)
+        lowrank.compress_checkpoint(source, out, lowrank.Recipe(**{**RECIPE, **(options or {})}), calibration(),
+                                    progress=False, batch_size=2)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one(sources, tmp_path):
-    recipe = lowrank.Recipe(**RECIPE)
-    lowrank.compress_checkpoint(sources["llama"], tmp_path / "one", recipe, calibration(), progress=False,
-                                batch_size=2)
-    args = (2, _free_port(), str(sources["llama"]), str(tmp_path / "two"))
+GRADIENT_RECIPES = {
+    "zero-sum": dict(scalings=["whitening"], allocator={"zero-sum": {"gradient_windows": 2, "gradient_seqlen": 16}}),
+    "fwsvd": dict(scalings=["fwsvd"]),
+}
+
+
+@pytest.mark.parametrize("recipe_name", [None, *GRADIENT_RECIPES])
+def test_two_gloo_processes_equal_one(sources, tmp_path, recipe_name):
+    """The windows and the SVDs split across two processes; gradient passes (zero-sum's scores,
+    fwsvd's statistics) run in both over all the windows, and process 0's plan is applied."""
+    options = GRADIENT_RECIPES.get(recipe_name, {})
+    recipe = lowrank.Recipe(**{**RECIPE, **options})
+    single = lowrank.compress_checkpoint(sources["llama"], tmp_path / "one", recipe, calibration(), progress=False,
+                                         batch_size=2)
+    args = (2, _free_port(), str(sources["llama"]), str(tmp_path / "two"), options)
     other = mp.get_context("spawn").Process(target=_worker, args=(1, *args))  # rank 1; this process is rank 0
     other.start()
     try:
@@ -236,6 +246,10 @@ def test_two_gloo_processes_equal_one(sources, tmp_path):
     logits = [lowrank.load(tmp_path / d)(ids).logits for d in ("one", "two")]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     assert (tmp_path / "one" / "config.json").read_text() == (tmp_path / "two" / "config.json").read_text()
+    if recipe_name is not None:
+        report = json.loads((tmp_path / "two" / "lowrank_report.json").read_text())
+        assert [m["rank"] for m in report["matrices"]] == [m.rank for m in single.matrices]
+        assert any("ran in each of the 2 processes" in n for n in report["notes"])
 
 
 def _word_tokenizer():

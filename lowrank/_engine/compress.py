@@ -65,7 +65,7 @@ class _CompressionPass:
                 planner = GlobalPlanner(setup, self.block_pass)
                 plan = planner.plan(inputs, undo)
                 self.kept = planner.kept
-                setup.hooks.planned(plan)
+                plan = setup.hooks.planned(plan)
         self.compress_blocks(inputs, plan, undo)
         if self.reused_blocks:
             setup.report.notes.append(f"truncated the SVDs the allocator scored in {self.reused_blocks} block(s) "

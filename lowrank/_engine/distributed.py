@@ -12,8 +12,11 @@ depend on each other sequentially, so they cannot be split across processes). Wi
 - process 0 writes the shards and the resume state; the others wait at a barrier.
 
 The result equals a single-process run up to the order of floating-point sums in the Gram
-matrices. Statistics that cannot be summed across processes (raw ``inputs``, the ``block``
-context), gradient passes and corrections are refused in a multi-process run.
+matrices. Gradient passes (zero-sum's scores, fwsvd's statistics) are not split: the published
+zero-sum scores one window, which cannot be divided, so every process runs the gradient pass over
+all the gradient windows and process 0's plan is the one applied. Statistics that cannot be
+summed across processes (raw ``inputs``, the ``block`` context) and corrections are refused in a
+multi-process run.
 """
 
 from __future__ import annotations
@@ -95,14 +98,25 @@ class Ranks:
             return default
         needs = setup.needs
         per_window = needs.inputs or needs.block or getattr(needs, "reference", False) or getattr(needs, "cross", False)
-        scored = type(setup.recipe.allocator).component_scorer is not Allocator.component_scorer
-        if per_window or needs.gradients or scored or setup.recipe.corrections:
+        if per_window or setup.recipe.corrections:
             raise CompressionError(
                 "a multi-process run sums statistics across processes; this recipe needs per-window "
-                "inputs, the block context, the original model's hidden states, gradients (a scaling's "
-                "statistics or an allocator's scores) or corrections, which are not split yet: run it in "
-                "one process")
+                "inputs, the block context, the original model's hidden states or corrections, which "
+                "are not split yet: run it in one process")
+        if needs.gradients or type(setup.recipe.allocator).component_scorer is not Allocator.component_scorer:
+            setup.report.notes.append(
+                f"the gradient pass ran in each of the {self.size} processes over all its windows (not split)")
         return DistributedBlockPass(setup, self)
+
+    def agreed(self, plan: dict[str, Selection]) -> dict[str, Selection]:
+        """Process 0's ``plan`` on every process (``plan`` itself in a single process)."""
+        if self.size == 1:
+            return plan
+        import torch.distributed as dist
+
+        box = [plan if self.writer else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[return-value]
 
 
 class DistributedBlockPass(BlockPass):

@@ -30,8 +30,10 @@ class BlockHooks:
         """A global allocator's plan saved by an interrupted run, or None to plan now."""
         return None
 
-    def planned(self, plan: dict[str, Selection]) -> None:
-        """A global allocator's plan, once made (a resumable run saves it)."""
+    def planned(self, plan: dict[str, Selection]) -> dict[str, Selection]:
+        """A global allocator's plan, once made; the plan the run applies (a resumable run saves
+        it, a multi-process run takes process 0's)."""
+        return plan
 
     def enter(self, index: int, phase: str) -> None:
         """Before block ``index`` runs in ``phase`` (``"planning"`` or ``"compressing"``)."""

@@ -80,6 +80,9 @@ class RunSetup:
     gradient_stats: dict[str, GradientStats] = field(default_factory=dict)
     hooks: BlockHooks = field(default_factory=BlockHooks)  # streamed / resumable runs: _engine/stream.py
     store: HiddenStore = field(default_factory=MemoryStore)  # where hidden states wait: _engine/offload.py
+    #: every process's calibration windows in a multi-process run (``calibration`` is this
+    #: process's share); gradient passes read them all, so that every process scores alike
+    all_calibration: torch.Tensor | None = None
 
     @classmethod
     def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,
@@ -104,13 +107,14 @@ class RunSetup:
 
     def windows_for_gradients(self, shape: tuple[int, int] | None) -> torch.Tensor:
         """The windows of a gradient pass: ``gradient_data`` when given, else the calibration
-        windows re-cut to ``shape`` = (windows, tokens) within the model's positions."""
+        windows (every process's, in a multi-process run) re-cut to ``shape`` = (windows, tokens)
+        within the model's positions."""
         if self.gradient_data is not None:
             return self.gradient_data
         limit = max_positions(self.model)
         if shape is not None and limit is not None and shape[1] > limit:  # e.g. GPT-2's 1024 positions
             shape = (shape[0] * -(-shape[1] // limit), limit)
-        return recut_windows(self.calibration, shape)
+        return recut_windows(self.all_calibration if self.all_calibration is not None else self.calibration, shape)
 
     def bar(self, what: str):
         """A progress bar over the blocks (on stderr; silent without ``progress``)."""

@@ -105,11 +105,14 @@ class StreamHooks(BlockHooks):
         """The plan of an interrupted run."""
         return self.state.plan_selections()
 
-    def planned(self, plan: dict[str, Selection]) -> None:
-        """Save the plan: a resumed run does not plan again."""
+    def planned(self, plan: dict[str, Selection]) -> dict[str, Selection]:
+        """Save the plan (a resumed run does not plan again); every process applies process 0's
+        (they score the same windows, so it is theirs too, up to summation order)."""
+        plan = self.ranks.agreed(plan)
         self.state.plan = RunState.plan_record(plan)
         if self.ranks.writer:
             self.work.commit(self.state)
+        return plan
 
     def enter(self, index: int, phase: str) -> None:
         """Read block ``index``'s weights from the shards."""
@@ -210,6 +213,8 @@ def _start(source: Path, target: Path, recipe: Recipe, calibration: torch.Tensor
     torch.manual_seed(recipe.seed)
     run_recipe = recipe if device == recipe.device else dataclasses.replace(recipe, device=device)
     setup = RunSetup.create(model, run_recipe, ranks.split(calibration), batch_size, progress and ranks.writer, None)
+    if ranks.size > 1:
+        setup.all_calibration = calibration   # gradient passes are not split: each process runs them all
     setup.report.model_params_before = count_parameters(model)
     work = WorkDir(target, Path(work_dir) if work_dir is not None else None,
                    tag=f"-rank{ranks.rank}" if ranks.size > 1 else "")
