@@ -36,7 +36,7 @@ import torch
 from .._contract.errors import CompressionError
 
 __all__ = ["OFFLOAD_DTYPES", "HiddenStore", "MemoryStore", "DiskStore", "OffloadedBatches", "BatchWriter",
-           "same_stream"]
+           "same_stream", "check_offload"]
 
 #: The storage dtypes of ``offload``.
 OFFLOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,16 +168,27 @@ class MemoryStore(HiddenStore):
     """The default: every stream is a list of tensors on the compute device."""
 
 
+def check_offload(offload: str | None) -> None:
+    """A valid ``offload`` setting: None or a storage dtype's name."""
+    if offload is not None and offload not in OFFLOAD_DTYPES:
+        raise CompressionError(f"offload: expected one of {', '.join(OFFLOAD_DTYPES)} or None, got {offload!r}")
+
+
 class DiskStore(HiddenStore):
     """Every stream a file in ``folder``, stored as ``dtype``, read back onto ``device``."""
 
     def __init__(self, folder: Path, dtype: str, device: torch.device) -> None:
-        if dtype not in OFFLOAD_DTYPES:
-            raise CompressionError(f"offload: expected one of {sorted(OFFLOAD_DTYPES)}, got {dtype!r}")
+        check_offload(dtype)
         self.folder, self.offload, self.device = Path(folder), dtype, device
         self.folder.mkdir(parents=True, exist_ok=True)
         self._names = itertools.count()
         self._pid = os.getpid()
+
+    @property
+    def note(self) -> str:
+        """What the report says about it."""
+        rounded = "" if self.offload == "float32" else " (rounded: the result differs slightly from an in-memory run)"
+        return f"hidden states offloaded to disk in {self.offload} between blocks{rounded}"
 
     def new_path(self) -> Path:
         """A file name no stream of this process uses."""

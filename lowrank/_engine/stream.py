@@ -47,7 +47,7 @@ from .distributed import Ranks, init_from_environment
 from .gradients import reset_gpu_peak
 from .guard import Undo
 from .hooks import BlockHooks
-from .offload import OFFLOAD_DTYPES, DiskStore
+from .offload import DiskStore, check_offload
 from .resume import RunState, WorkDir, fingerprint
 from .setup import RunSetup
 from .weights import (
@@ -106,9 +106,8 @@ class StreamHooks(BlockHooks):
         return self.state.plan_selections()
 
     def planned(self, plan: dict[str, Selection]) -> dict[str, Selection]:
-        """Save the plan (a resumed run does not plan again); every process applies process 0's
-        (they score the same windows, so it is theirs too, up to summation order)."""
-        plan = self.ranks.agreed(plan)
+        """Save the plan (a resumed run does not plan again); every process applies process 0's."""
+        plan = self.ranks.agreed(plan)   # they score the same windows: theirs too, up to summation order
         self.state.plan = RunState.plan_record(plan)
         if self.ranks.writer:
             self.work.commit(self.state)
@@ -213,8 +212,7 @@ def _start(source: Path, target: Path, recipe: Recipe, calibration: torch.Tensor
     torch.manual_seed(recipe.seed)
     run_recipe = recipe if device == recipe.device else dataclasses.replace(recipe, device=device)
     setup = RunSetup.create(model, run_recipe, ranks.split(calibration), batch_size, progress and ranks.writer, None)
-    if ranks.size > 1:
-        setup.all_calibration = calibration   # gradient passes are not split: each process runs them all
+    setup.all_calibration = calibration if ranks.size > 1 else None   # gradient passes are not split
     setup.report.model_params_before = count_parameters(model)
     work = WorkDir(target, Path(work_dir) if work_dir is not None else None,
                    tag=f"-rank{ranks.rank}" if ranks.size > 1 else "")
@@ -223,10 +221,8 @@ def _start(source: Path, target: Path, recipe: Recipe, calibration: torch.Tensor
     if resume and not ranks.writer:
         state = work.begin(key, resume)
     if offload is not None:
-        setup.store = DiskStore(work.path / "offload", offload, setup.device)
-        setup.report.notes.append(f"hidden states offloaded to disk in {offload} between blocks"
-                                  + ("" if offload == "float32" else " (rounded: the result differs slightly "
-                                     "from an in-memory run)"))
+        setup.store = store = DiskStore(work.path / "offload", offload, setup.device)
+        setup.report.notes.append(store.note)
     first_shard = shard_name(1, len(setup.blocks) + 1)
     rest = non_block_state(model, f"{prefix}.")
     state.weight_map.update(dict.fromkeys(rest, first_shard))
@@ -273,8 +269,7 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
     recipe = recipe if recipe is not None else Recipe()
     _check_arguments(recipe, calibration, batch_size)
     _check_streamable(recipe)
-    if offload is not None and offload not in OFFLOAD_DTYPES:
-        raise CompressionError(f"offload: expected one of {', '.join(OFFLOAD_DTYPES)} or None, got {offload!r}")
+    check_offload(offload)
     source, target = Path(source), check_output_directory(out)
     exporter = _exporter(recipe)
     started = time.perf_counter()
