@@ -153,7 +153,8 @@ def _exporter(recipe: Recipe) -> Exporter:
     return exporter
 
 
-def _check_streamable(recipe: Recipe) -> None:
+def _check_streamable(recipe: Recipe, offload: str | None) -> None:
+    check_offload(offload)
     allocator = recipe.allocator
     if allocator.needs_whole_model:
         raise CompressionError(
@@ -239,11 +240,9 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
                         work_dir: str | os.PathLike[str] | None = None, offload: str | None = None) -> CompressionReport:
     """Compress the safetensors checkpoint in ``source`` into ``out`` without loading it whole.
 
-    Each decoder block is read from the shards when a pass reaches it and written to a shard of its
-    own as soon as it is compressed: peak memory does not grow with the number of blocks. The
-    result equals ``lowrank.compress`` on the loaded model and ``lowrank.save`` (``hf`` format,
-    one shard per block). Under ``torchrun`` the calibration windows and the SVDs are split across
-    the processes. See the "Large models" page.
+    Each block is read from the shards when a pass reaches it and written to a shard of its own once
+    compressed: memory does not grow with the blocks. The result equals ``lowrank.compress`` and
+    ``lowrank.save`` (``hf``). Under ``torchrun`` the windows and SVDs are split. See "Large models".
 
     Args:
         source: A checkpoint directory (``config.json`` and safetensors weights).
@@ -256,9 +255,8 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
         tokenizer: Saved beside the weights; by default the source's tokenizer files are copied.
         resume: Continue the interrupted run of the same arguments from its last finished block.
         work_dir: Where the run keeps its state (default: ``.<out name>.lowrank-work`` beside ``out``).
-        offload: Keep the calibration hidden states in files in the work directory instead of in
-            memory, stored as ``"bfloat16"``, ``"float16"`` or ``"float32"`` (exact: the same
-            checkpoint as without). Host memory then holds one batch of them at a time.
+        offload: Keep the calibration hidden states in the work directory, not in memory, as
+            ``"bfloat16"``, ``"float16"`` or ``"float32"`` (exact: the same checkpoint as without).
 
     Returns:
         The report (also written to ``out/lowrank_report.json``).
@@ -268,13 +266,11 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
     """
     recipe = recipe if recipe is not None else Recipe()
     _check_arguments(recipe, calibration, batch_size)
-    _check_streamable(recipe)
-    check_offload(offload)
+    _check_streamable(recipe, offload)
     source, target = Path(source), check_output_directory(out)
     exporter = _exporter(recipe)
     started = time.perf_counter()
-    hooks = _start(source, target, recipe, calibration, batch_size, progress, dtype, resume, work_dir,  # type: ignore[arg-type]
-                   offload)
+    hooks = _start(source, target, recipe, calibration, batch_size, progress, dtype, resume, work_dir, offload)  # type: ignore[arg-type]
     setup, work, ranks = hooks.setup, hooks.work, hooks.ranks
     guards = [b.register_forward_pre_hook(_meta_guard) for b in setup.blocks]
     reset_gpu_peak(setup.device)
