@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from test_stream import _same_checkpoint, _word_tokenizer, sources  # noqa: F401  (the module fixture)
+from test_stream import _same_checkpoint, _word_tokenizer, dying_at, sources  # noqa: F401  (the module fixture)
 from tiny_models import build, calibration
 
 import lowrank
@@ -116,13 +116,7 @@ def test_offloaded_run_killed_and_resumed_equals_uninterrupted(sources, tmp_path
     lowrank.compress_checkpoint(sources["llama"], tmp_path / "whole", recipe, calibration(), progress=False,
                                 offload="bfloat16")
     enter = StreamHooks.enter
-
-    def dies_at_block_2(self, index, phase):
-        if index == 2 and phase == "compressing":
-            raise KeyboardInterrupt
-        enter(self, index, phase)
-
-    monkeypatch.setattr(StreamHooks, "enter", dies_at_block_2)
+    monkeypatch.setattr(StreamHooks, "enter", dying_at(enter, 2))
     with pytest.raises(KeyboardInterrupt):
         lowrank.compress_checkpoint(sources["llama"], tmp_path / "out", recipe, calibration(), progress=False,
                                     offload="bfloat16")
@@ -191,12 +185,7 @@ def _resuming_worker(rank: int, size: int, port: int, source: str, out: str, die
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=120))
     enter = StreamHooks.enter
-
-    def dies(self, index, phase):
-        if index == die_at and phase == "compressing":
-            raise KeyboardInterrupt
-        enter(self, index, phase)
-
+    dies = dying_at(enter, die_at)
     recipe = lowrank.Recipe(ratio=0.3, scalings=["whitening"])
     try:
         if die_at >= 0:

@@ -103,6 +103,17 @@ def test_streamed_global_allocator_plans_in_a_streamed_pass(sources, tmp_path):
     _same_checkpoint(tmp_path / "memory", tmp_path / "stream")
 
 
+def dying_at(enter, block: int, error: type[BaseException] = KeyboardInterrupt):
+    """``StreamHooks.enter`` that raises ``error`` when the compression pass reaches ``block``."""
+
+    def dies(self, index, phase):
+        if index == block and phase == "compressing":
+            raise error
+        enter(self, index, phase)
+
+    return dies
+
+
 @pytest.mark.parametrize("allocator", ["uniform", "energy"])
 def test_killed_after_block_k_and_resumed_equals_uninterrupted(sources, tmp_path, monkeypatch, allocator):
     from lowrank._engine.stream import StreamHooks
@@ -110,13 +121,7 @@ def test_killed_after_block_k_and_resumed_equals_uninterrupted(sources, tmp_path
     recipe = lowrank.Recipe(allocator=allocator, ratio=0.3, scalings=["whitening"])
     lowrank.compress_checkpoint(sources["llama"], tmp_path / "whole", recipe, calibration(), progress=False)
     enter = StreamHooks.enter
-
-    def dies_at_block_2(self, index, phase):
-        if index == 2 and phase == "compressing":
-            raise KeyboardInterrupt
-        enter(self, index, phase)
-
-    monkeypatch.setattr(StreamHooks, "enter", dies_at_block_2)
+    monkeypatch.setattr(StreamHooks, "enter", dying_at(enter, 2))
     with pytest.raises(KeyboardInterrupt):
         lowrank.compress_checkpoint(sources["llama"], tmp_path / "out", recipe, calibration(), progress=False)
     assert not (tmp_path / "out").exists()
