@@ -28,7 +28,7 @@ class ScaledSVD:
     transforms: list[Transform]
     notes: list[str] = field(default_factory=list)
     diagnostics: dict[str, float] = field(default_factory=dict)  # "<scaling>.<key>": what scalings reported
-    method: str = "svd"   # how the SVD was computed: "gram-eigh" (fast route) or "svd" (LAPACK)
+    method: str = "svd"   # how the SVD was computed: "gram-eigh" (fast route), "randomized" or "svd" (LAPACK)
     seconds: float = 0.0  # wall time of the SVD
 
     @property
@@ -64,7 +64,8 @@ class ScaledSVD:
 
     @property
     def stored_components(self) -> int:
-        """How many components have their singular vectors here (see ``leading``)."""
+        """How many components have their singular vectors here (see ``leading``; the randomized
+        factorization stores the ones it was asked for only)."""
         return int(self.u.shape[1])
 
     def spectrum_error(self, selection: Selection) -> float:
@@ -91,6 +92,10 @@ def scaled_gradient(svd: ScaledSVD, grad: torch.Tensor) -> torch.Tensor:
 def build_factors(svd: ScaledSVD, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
     """A = L^-1 U_k S_k^1/2 and B = S_k^1/2 V_k^T R^-1 for the selected components."""
     assert selection.indices is not None
+    if selection.indices and max(selection.indices) >= svd.stored_components:
+        # a view from ``leading``, or the randomized factorization (vectors for the kept rank only)
+        raise ValueError(f"the selection keeps component {max(selection.indices)}, but singular vectors were "
+                         f"computed for the leading {svd.stored_components} components only")
     idx = torch.tensor(selection.indices, dtype=torch.long, device=svd.s.device)
     s = svd.s[idx]
     if selection.rescale is not None:

@@ -33,7 +33,7 @@ RECIPE_FILE = "recipe.yaml"
 FORMAT_VERSION = 1
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 _INPUTS = ("sequential", "original")
-_FACTORIZATIONS = ("auto", "svd")
+_FACTORIZATIONS = ("auto", "randomized", "svd")
 _TARGETS = ("plain", "compensated")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
@@ -117,7 +117,11 @@ class Recipe:
         seed: seeds every random choice of the run.
         factorization: ``auto`` takes each SVD by the fastest route that is exact enough (the
             eigendecomposition of the smaller Gram matrix, checked; see the engine's ``svd.py``);
-            ``svd`` always uses LAPACK's float64 SVD (the reference).
+            ``randomized`` is ``auto`` with a randomized range finder tried first where few
+            components are kept (at most a quarter of min(m, n), and min(m, n) >= 2048), the spectrum predicts it
+            cheaper and its check passes (for weights with a gap at the kept rank; it costs an
+            eigenvalue pass per such matrix where it is not used, and stores singular vectors for
+            the kept components only); ``svd`` always uses LAPACK's float64 SVD (the reference).
         inputs: ``sequential`` feeds each block the outputs of the already-compressed blocks;
             ``original`` feeds it the uncompressed model's activations.
         target: ``plain`` fits each layer's own output on the inputs it receives; ``compensated``

@@ -33,7 +33,7 @@ class MatrixReport:
     participation_ratio_before: float | None = None
     participation_ratio_after: float | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)  # "<scaling>.<key>", e.g. sigmascale.loss_learned
-    factorization: str = ""        # how its SVD was computed: "gram-eigh" (fast route) or "svd" (LAPACK)
+    factorization: str = ""        # how its SVD was computed: "gram-eigh" (fast route), "randomized" or "svd" (LAPACK)
     factorization_seconds: float = 0.0  # its SVD and the building of its factors
 
     @property

@@ -31,7 +31,7 @@ def scaled_svd_batch(weights: Sequence[torch.Tensor], stats: Sequence[LayerStats
                      accurate: Sequence[int | None] | None = None) -> list[ScaledSVD]:
     """``scaled_svd`` for several matrices of one block; each scaling fits them in one call.
 
-    ``method`` is the recipe's ``factorization`` (``auto`` or ``svd``; see ``svd.py``);
+    ``method`` is the recipe's ``factorization`` (``auto``, ``randomized`` or ``svd``; see ``svd.py``);
     ``accurate`` how many leading components of each must be accurate (default: all).
     """
     ws = list(weights)
