@@ -25,7 +25,9 @@ mantissa): the report says so, and the Large models page gives the measured effe
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import shutil
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,7 +71,7 @@ class OffloadedBatches(Sequence[torch.Tensor]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         entry = self.entries[index]
-        raw = torch.empty(_count(entry.shape) * self.storage.itemsize, dtype=torch.uint8)
+        raw = torch.empty(math.prod(entry.shape) * self.storage.itemsize, dtype=torch.uint8)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(entry.offset)
             if f.readinto(memoryview(raw.numpy())) != raw.numel():
@@ -82,18 +84,13 @@ class OffloadedBatches(Sequence[torch.Tensor]):
     @property
     def nbytes(self) -> int:
         """Bytes on disk."""
-        return sum(_count(e.shape) for e in self.entries) * self.storage.itemsize
+        return sum(math.prod(e.shape) for e in self.entries) * self.storage.itemsize
 
     def link(self, target: Path) -> dict:
         """A hard link (a copy across file systems) of the file at ``target``, and the record
         :meth:`opened` reads it back from (a resumed run's saved hidden states)."""
         target.unlink(missing_ok=True)
-        try:
-            os.link(self.path, target)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(self.path, target)
+        _link_or_copy(self.path, target)
         return {"file": target.name, "storage": _dtype_name(self.storage),
                 "entries": [[e.offset, list(e.shape), _dtype_name(e.dtype)] for e in self.entries]}
 
@@ -108,12 +105,7 @@ class OffloadedBatches(Sequence[torch.Tensor]):
             raise CompressionError(f"--resume: the saved hidden states' record in {folder} is damaged "
                                    f"({err!r}); delete the work directory") from err
         own = store.new_path()
-        try:
-            os.link(source, own)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(source, own)
+        _link_or_copy(source, own)
         return cls(own, entries, storage, device)
 
 
@@ -209,11 +201,12 @@ def same_stream(a: Sequence[torch.Tensor] | None, b: Sequence[torch.Tensor] | No
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link of ``source`` at ``target`` (a copy across file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
