@@ -44,8 +44,8 @@ PROTOCOL = {"model": "smollm2-135m", "calib_text": "austen:emma", "calib_windows
             "seed": 3, "grad_windows": 1, "grad_seqlen": 1024, "eval_windows": 8, "eval_seqlen": 512,
             "eval_texts": ["austen:prideprejudice", "austen:persuasion"]}
 #: SoCo's reduced step counts on the CPU (the defaults of the allocator are the full setting).
-SOCO_CPU = {"steps": [16, 16, 8], "batch_windows": 1, "lr": 0.3, "remask_every": 4, "amp_lr": 0.03}
-VARIANTS = ("zero-sum", "soco", "soco-s1", "soco-s12", "soco-noamp", "soco-sv")
+SOCO_CPU = {"steps": [16, 24, 40], "batch_windows": 1, "lr": 0.3, "remask_every": 4, "amp_lr": 0.03}
+VARIANTS = ("zero-sum", "soco", "soco-s1", "soco-s12", "soco-noamp", "soco-sv", "soco-uniform")
 
 
 def allocator_for(variant: str, ratio: float, record: Path | None) -> dict:
@@ -64,6 +64,8 @@ def allocator_for(variant: str, ratio: float, record: Path | None) -> dict:
         settings["amplify"] = False
     elif variant == "soco-sv":
         settings["order"] = "spectral"
+    elif variant == "soco-uniform":
+        settings["init"] = "uniform"
     elif variant != "soco":
         raise SystemExit(f"unknown variant {variant!r}")
     return {"soco": settings}

@@ -14,7 +14,9 @@ import lowrank
 from lowrank import LayerStats, breakeven_rank, find_targets, scaled_svd, stored_params, weight_of
 from lowrank_builtin import Identity, Whitening
 from lowrank_builtin.soco import SoCo, SoCoConfig, spectral_layers
+from lowrank_builtin.soco_init import first_order_gain, placed_logits, zero_sum_priority
 from lowrank_builtin.soco_stages import Trainer
+from lowrank_builtin.zero_sum import component_floor, published_keep_rank_ratio, zero_sum_ranks
 from lowrank_builtin.soco_train import (
     Layout,
     hard_mask,
@@ -214,3 +216,147 @@ def test_config_rejects_bad_settings():
     with pytest.raises(lowrank.RecipeError):
         lowrank.Recipe(allocator={"soco": {"order": "random"}})
     assert not math.isnan(SoCoConfig().lr)
+
+
+# -- the warm start (soco_init) --------------------------------------------------------------------
+
+
+@given(shapes=shapes_st, ratio=st.floats(0.02, 0.9), seed=st.integers(0, 2**16))
+def test_placed_logits_reproduce_the_priority_mask(shapes, ratio, seed):
+    """The logits' own hard mask is the priority's; kept gates above 1/2, pruned below, in order."""
+    layout = layout_of(shapes)
+    allowed = lowrank.Budget(ratio, layout.dense_params).allowed_params
+    assume(sum(stored_params(m, n, 1) for m, n in shapes) <= allowed)
+    priority = torch.randn(layout.offsets[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta, mask = placed_logits(layout, priority, allowed, spread=3.0)
+    again = hard_mask(layout, theta, allowed)
+    assert torch.equal(again.keep, mask.keep) and again.params == mask.params
+    assert bool((theta[mask.keep] > 0).all()) and bool((theta[~mask.keep] < 0).all())
+    assert float(theta.abs().max()) <= 3.0
+    pruned = ~mask.keep
+    if int(pruned.sum()) > 1:   # order kept within a side
+        p, t = priority[pruned], theta[pruned]
+        assert bool((t[p.argsort()].diff() > 0).all())
+
+
+def test_first_order_gain_is_the_loss_change_of_pruning():
+    """Delta_i = -dL/ds_i: a small step of s_i down changes the cross-entropy by eps * Delta_i."""
+    torch.manual_seed(0)
+    model, windows = build("llama"), calibration(2, 16)
+    targets, profiles = _profiles(model, windows, Whitening())
+    names = [t.name for t in targets]
+    layout = Layout(tuple(names), tuple(t.shape for t in targets), tuple(min(t.shape) for t in targets))
+    layers = spectral_layers(profiles, model, names, torch.device("cpu"))
+    cache = teacher_cache(model, windows, 50, torch.device("cpu"))
+    cfg = SoCoConfig(**FAST)
+    trainer = Trainer(model, layers, layout, cache, windows, layout.dense_params // 2, cfg, 0, torch.device("cpu"))
+
+    def loss(scale):
+        trainer.set_scales(scale)
+        total = 0.0
+        for i in range(2):
+            logits = model(windows[i:i + 1], use_cache=False).logits[:, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             windows[i:i + 1, 1:].reshape(-1)))
+        return total / 2
+
+    with swapped(model, dict(layers)), torch.no_grad():
+        with torch.enable_grad():
+            gain = first_order_gain(trainer, 2)
+        ones = torch.ones(layout.offsets[-1])
+        base, eps = loss(ones), 1e-2
+        for i in gain.abs().argsort(descending=True)[:3].tolist():
+            step = ones.clone()
+            step[i] -= eps
+            assert abs((loss(step) - base) - eps * float(gain[i])) < 0.2 * eps * abs(float(gain[i])) + 1e-6
+
+
+@pytest.mark.parametrize("init", ["zero-sum", "first-order", "uniform"])
+def test_stage_two_never_hands_on_a_mask_worse_than_its_start(init):
+    """The mask stage 2 hands on is at least as good, on its validation windows, as the warm
+    start's and as its own first mask."""
+    torch.manual_seed(0)
+    model, windows = build("llama"), calibration(6, 24)
+    targets, profiles = _profiles(model, windows, Whitening())
+    names = [t.name for t in targets]
+    layout = Layout(tuple(names), tuple(t.shape for t in targets), tuple(min(t.shape) for t in targets))
+    allowed = lowrank.Budget(0.4, layout.dense_params).allowed_params
+    cfg = SoCoConfig(**{**FAST, "init": init, "steps": (4, 9, 0), "batch_windows": 2})
+    cache = teacher_cache(model, windows, 200, torch.device("cpu"))
+    layers = spectral_layers(profiles, model, names, torch.device("cpu"))
+    trainer = Trainer(model, layers, layout, cache, windows, allowed, cfg, 0, torch.device("cpu"))
+    outcome = trainer.run()
+    second = outcome.logs[1]
+    assert second.objective_last <= second.objective_first
+    with swapped(model, dict(layers)):
+        if init != "uniform":
+            assert trainer.start is not None
+            assert second.objective_last <= trainer.judge(trainer.start) + 1e-6
+        assert abs(trainer.judge(outcome.mask) - second.objective_last) < 1e-5
+    assert outcome.mask.params <= allowed
+
+
+@given(shapes=shapes_st, ratio=st.floats(0.05, 0.7), seed=st.integers(0, 2**16))
+def test_zero_sum_start_is_the_zero_sum_plan(shapes, ratio, seed):
+    """The placed logits of the zero-sum order give exactly zero-sum's ranks (prefixes, dense where
+    it keeps a matrix dense) on the same scores and budget."""
+    layout = layout_of(shapes)
+    allowed = lowrank.Budget(ratio, layout.dense_params).allowed_params
+    gain = torch.randn(layout.offsets[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    floors = [component_floor(s, published_keep_rank_ratio(ratio)) for s in shapes]
+    ranks, _ = zero_sum_ranks(shapes, [g.tolist() for g in layout.split(gain)], allowed, floors)
+    assume(sum(stored_params(*s, k) for s, k in zip(shapes, ranks)) <= allowed)
+    priority = zero_sum_priority(layout, gain, ratio)
+    _theta, mask = placed_logits(layout, priority, allowed, spread=3.0)
+    for j, (keep, shape) in enumerate(zip(layout.split(mask.keep), shapes)):
+        if ranks[j] > breakeven_rank(*shape):
+            assert mask.dense[j]
+        else:
+            assert not mask.dense[j] and mask.ranks[j] == ranks[j]
+            assert bool(keep[:ranks[j]].all()) and not bool(keep[ranks[j]:].any())
+
+
+def test_report_and_inspect_carry_the_learned_ranks_and_scales(tmp_path, monkeypatch):
+    """SoCo's per-matrix numbers reach the report, survive save/load, and inspect prints them."""
+    import json
+
+    from click.testing import CliRunner
+
+    import lowrank.cli._common as common
+    from lowrank import inspect_model
+    from lowrank.cli import main
+
+    model, windows = build("llama"), calibration(6, 16)
+    report = lowrank.compress(model, lowrank.Recipe(scalings=["whitening"], allocator={"soco": FAST}, ratio=0.4,
+                                                    seed=3), windows, progress=False)
+    for m in report.matrices:
+        d = m.diagnostics
+        assert d["soco.dense"] == float(m.rank is None)
+        if m.rank is not None:
+            assert d["soco.learned_rank"] == m.rank and 0 <= d["soco.outside_prefix"] <= m.rank
+            assert 0 < d["soco.scale_min"] <= d["soco.scale_mean"] <= d["soco.scale_max"]
+        assert -1.0 <= d["soco.order_agreement"] <= 1.0
+    lowrank.save(model, tmp_path / "out")
+    loaded = lowrank.load(tmp_path / "out")
+    rows = {r.name: r for r in inspect_model(loaded)}
+    assert rows[report.matrices[0].name].diagnostics == report.matrices[0].diagnostics
+    monkeypatch.setattr(common, "open_model", lambda name, device="auto": (loaded, None, "cpu"))
+    shown = CliRunner().invoke(main, ["inspect", "whatever", "--diagnostics"])
+    assert shown.exit_code == 0, shown.output
+    assert "soco.learned_rank" in shown.output and "soco.order_agreement" in shown.output
+    data = json.loads(CliRunner().invoke(main, ["inspect", "whatever", "--json"]).output)
+    assert "soco.scale_max" in json.dumps(data)
+
+
+@pytest.mark.parametrize("scalings,corrections", [
+    (["whitening", {"sigmascale": {"steps": 2}}], []),
+    (["whitening"], [{"aa-svd": {"epochs": 1, "progress": False}}]),
+])
+def test_composes_after_sigmascale_and_before_corrections(scalings, corrections):
+    """SoCo after a learned scaling, and followed by block training: on budget, a finite model."""
+    model, windows = build("llama"), calibration(6, 16)
+    recipe = lowrank.Recipe(scalings=scalings, allocator={"soco": FAST}, corrections=corrections, ratio=0.4, seed=2)
+    report = lowrank.compress(model, recipe, windows, progress=False)
+    assert report.target_params_after <= lowrank.Budget(0.4, report.target_params_before).allowed_params
+    assert any(n.startswith("soco mask:") for n in report.notes)
+    assert bool(torch.isfinite(model(windows).logits).all())

@@ -59,6 +59,8 @@ class ModelContext(ABC):
         gradient_data: The windows for calibration-loss gradients.
         device: Where work should run.
         notes: Lines for the report.
+        diagnostics: Per targeted matrix, numbers for its row of the report
+            (``MatrixReport.diagnostics``; the engine prefixes each key with the allocator's name).
     """
 
     model: nn.Module
@@ -67,6 +69,7 @@ class ModelContext(ABC):
     gradient_data: torch.Tensor
     device: torch.device
     notes: list[str] = field(default_factory=list)
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def module(self, name: str) -> nn.Module:
         """The targeted module called ``name``."""

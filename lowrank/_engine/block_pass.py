@@ -230,7 +230,8 @@ class BlockPass:
             rank, after = sel.rank, sel.params(t.shape)
         report = MatrixReport(t.name, t.block, t.shape, rank, m * n, after, s_err, a_err,
                               effective_rank(p.svd.s), list(p.svd.notes), participation_ratio(p.svd.s),
-                              diagnostics=dict(p.svd.diagnostics), factorization=p.svd.method)
+                              diagnostics={**p.svd.diagnostics, **self.setup.matrix_diagnostics.get(t.name, {})},
+                              factorization=p.svd.method)
         change = p.svd.spectrum_change
         if change is not None:
             for f in dataclasses.fields(change):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ class MatrixInfo:
     effective_rank_after: float | None = None
     participation_ratio_before: float | None = None
     participation_ratio_after: float | None = None
+    #: the report's per-matrix numbers from scalings and allocators ("<strategy>.<key>")
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The row as plain data (the spectrum left out)."""
@@ -42,7 +44,7 @@ class MatrixInfo:
                 "participation_ratio": self.participation_ratio,
                 "effective_rank_before": self.effective_rank_before, "effective_rank_after": self.effective_rank_after,
                 "participation_ratio_before": self.participation_ratio_before,
-                "participation_ratio_after": self.participation_ratio_after}
+                "participation_ratio_after": self.participation_ratio_after, "diagnostics": dict(self.diagnostics)}
 
 
 @torch.no_grad()
@@ -75,6 +77,7 @@ def inspect_model(model: nn.Module) -> list[MatrixInfo]:
                 for key in ("effective_rank_before", "effective_rank_after", "participation_ratio_before",
                             "participation_ratio_after"):
                     setattr(info, key, getattr(m, key, None))
+                info.diagnostics = dict(m.diagnostics)
             rows.append(info)
     return rows
 

@@ -75,6 +75,7 @@ class GlobalPlanner:
         with setup.timer.phase("planning"):
             allocator = setup.recipe.allocator.prepare(context)
         setup.report.notes.extend(context.notes)
+        setup.keep_diagnostics(allocator.name, context.diagnostics)
         stages = max(1, int(allocator.stages))
         teacher: dict[str, torch.Tensor] = {}
         for stage in range(stages):
@@ -92,6 +93,7 @@ class GlobalPlanner:
             with model_on_device(setup):
                 allocator.refine(refine, plan)
             setup.report.notes.extend(refine.notes)
+            setup.keep_diagnostics(allocator.name, refine.diagnostics)
         if teacher:  # a matrix that ends up dense keeps its original weight
             for t in setup.targets:
                 if plan[t.name].stays_dense(t.shape):

@@ -83,6 +83,13 @@ class RunSetup:
     #: every process's calibration windows in a multi-process run (``calibration`` is this
     #: process's share); gradient passes read them all, so that every process scores alike
     all_calibration: torch.Tensor | None = None
+    #: per matrix, what the allocator reported about it (``ModelContext.diagnostics``, keys prefixed)
+    matrix_diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def keep_diagnostics(self, allocator: str, context_diagnostics: dict[str, dict[str, float]]) -> None:
+        """Merge an allocator's per-matrix numbers, each key as ``<allocator>.<key>``."""
+        for name, values in context_diagnostics.items():
+            self.matrix_diagnostics.setdefault(name, {}).update({f"{allocator}.{k}": float(v) for k, v in values.items()})
 
     @classmethod
     def create(cls, model: nn.Module, recipe: Recipe, calibration: torch.Tensor, batch_size: int,

@@ -13,9 +13,12 @@ __all__ = ["inspect_command"]
 @click.argument("model")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a PNG of the spectra and ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
+@click.option("--diagnostics", "show_diagnostics", is_flag=True,
+              help="Under each matrix, the numbers its scalings and allocator reported (e.g. soco.outside_prefix).")
+def inspect_command(model: str, plot_file: str | None, as_json: bool, show_diagnostics: bool) -> None:
     """Table of every targeted matrix: shape, rank, parameters, effective rank of its spectrum (and,
-    for a model compressed with a learned scaling, the effective ranks before and after learning)."""
+    for a model compressed with a learned scaling, the effective ranks before and after learning;
+    with --diagnostics, what each strategy reported about it, such as SoCo's learned ranks and scales)."""
     from lowrank import inspect_model, plot_inspection
 
     from ._common import open_model
@@ -38,6 +41,8 @@ def inspect_command(model: str, plot_file: str | None, as_json: bool) -> None:
                      f"{num(r.participation_ratio_before, 9)} {num(r.participation_ratio_after, 8)}") if learned else ""
             click.echo(f"{r.name:<44} {r.shape[0]:>5}x{r.shape[1]:<5} {rank:>6} {r.params:>10,} "
                        f"{r.effective_rank:>9.1f} {r.participation_ratio:>8.1f}{extra}")
+            if show_diagnostics and r.diagnostics:
+                click.echo("    " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(r.diagnostics.items())))
         total = sum(r.params for r in rows)
         dense = sum(r.shape[0] * r.shape[1] for r in rows)
         click.echo(f"{len(rows)} matrices, {total:,} parameters ({dense:,} dense; {1 - total / dense:.4f} removed)")

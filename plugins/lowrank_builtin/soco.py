@@ -19,6 +19,10 @@ Why this shape (a global allocator with two planning stages):
 
 Choices where the paper is silent (defaults are the GPU "full" setting; docs/soco.md):
 
+- the start (``init``): the paper's s = 1 gives a zero KL gradient and, in a short run, a
+  ranking that is mostly the tie-break (measured: worse than zero-sum at every ratio); the
+  default places the logits so that the first mask is zero-sum's plan from the first-order loss
+  changes on the calibration windows (``soco_init``), and the stages correct it with the KL;
 - relaxation: deterministic sigmoid gates in stage 1, the exact hard mask with straight-through
   gradients in stage 2, log-amplitudes in stage 3 (see ``soco_stages``);
 - the compression term: exact break-even accounting in value, slope (m + n) in gradient, inside
@@ -64,7 +68,14 @@ class SoCoConfig:
     batch_windows: int = Field(4, ge=1, description="calibration windows per step")
     lr: float = Field(0.05, gt=0, description="Adam learning rate of the importance logits (stages 1, 2)")
     amp_lr: float = Field(0.01, gt=0, description="Adam learning rate of the log-amplitudes (stage 3)")
-    init_logit: float = Field(3.0, description="starting logit of every gate (sigmoid(3) = 0.95)")
+    init: Literal["zero-sum", "first-order", "uniform"] = Field(
+        "zero-sum", description="starting logits (soco_init): placed so the first mask is zero-sum's plan from the "
+                                "first-order loss changes, or their magnitude per stored parameter (first-order), "
+                                "or every gate at init_logit (uniform: the paper's s = 1)")
+    init_windows: int = Field(4, ge=1, description="calibration windows of the first-order gradient (init: first-order)")
+    spread: float = Field(3.0, gt=0, description="logit range of the placed start: kept gates in (1/2, sigmoid(spread)], "
+                                                 "pruned in [sigmoid(-spread), 1/2)")
+    init_logit: float = Field(3.0, description="starting logit of every gate with init: uniform (sigmoid(3) = 0.95)")
     ratio_weight: float = Field(5.0, ge=0, description="fixed quadratic weight mu of the budget term")
     warmup: float = Field(0.5, ge=0, le=1, description="stage 1 ramps the budget from dense to the target over "
                                                         "this fraction of its steps")
@@ -170,6 +181,7 @@ class SoCo(lowrank.Allocator):
         del layers
         self._write(context, layout, outcome)
         context.notes.extend(_notes(layout, outcome, teacher.nbytes, allowed))
+        context.diagnostics.update(_diagnostics(layout, outcome))
         if cfg.record:
             _record(Path(cfg.record), layout, outcome, trainer)
 
@@ -200,6 +212,33 @@ def _notes(layout: Layout, outcome: Outcome, teacher_bytes: int, allowed: int) -
     lines.append(f"soco scales of the survivors (min/mean/max): {segment_summary(kept_scales)}; teacher cache "
                  f"{teacher_bytes / 2**20:.1f} MiB")
     return lines
+
+
+def _diagnostics(layout: Layout, outcome: Outcome) -> dict[str, dict[str, float]]:
+    """Per matrix, for the report and ``lowrank inspect``: what SoCo kept and how it rescaled it.
+
+    ``outside_prefix``: kept components below a pruned one in singular-value order (0 is plain
+    truncation); ``order_agreement``: Spearman correlation of the learned importance with the
+    singular-value order (1: SoCo ranked exactly as the spectrum does); ``scale_*``: the learned
+    amplitudes of the survivors (1 without stage 3).
+    """
+    columns = [layout.split(x) for x in (outcome.importance, outcome.mask.keep, outcome.scale)]
+    out: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(layout.names):
+        importance, keep, scale = (c[j] for c in columns)
+        rank = outcome.mask.ranks[j]
+        values = {"dense": float(outcome.mask.dense[j]), "learned_rank": float(rank)}
+        n = importance.numel()
+        if n > 1:
+            position = torch.empty(n)
+            position[importance.argsort(descending=True)] = torch.arange(n, dtype=torch.float32)
+            values["order_agreement"] = float(torch.corrcoef(torch.stack([position, torch.arange(n).float()]))[0, 1])
+        if not outcome.mask.dense[j]:
+            values["outside_prefix"] = float((~keep[:rank]).sum())
+            kept = scale[keep]
+            values.update(scale_min=float(kept.min()), scale_mean=float(kept.mean()), scale_max=float(kept.max()))
+        out[name] = values
+    return out
 
 
 def _record(path: Path, layout: Layout, outcome: Outcome, trainer: Trainer) -> None:

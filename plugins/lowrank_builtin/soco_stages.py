@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .soco_init import warm_start
 from .soco_train import (
     HardMask,
     Layout,
@@ -128,6 +129,10 @@ class Trainer:
         self._order: list[int] = []
         self.bar: Any = None
         self.best: HardMask | None = None   # stage 2's best mask
+        self.start: HardMask | None = None  # the warm start's mask (init: first-order)
+        # stage 2 judges its masks on the same windows every time (a fixed held-out draw): KL
+        # differs more between windows than between neighbouring masks
+        self.validation = torch.randperm(windows.shape[0], generator=self.generator)[:config.batch_windows].sort().values
 
     def batch(self) -> torch.Tensor:
         """The next ``batch_windows`` calibration windows (a seeded permutation, epoch by epoch)."""
@@ -178,22 +183,29 @@ class Trainer:
     def relax(self, stage: int, steps: int) -> StageLog:
         """Stage 1 (soft gates) or stage 2 (hard mask, straight through): train theta.
 
-        Stage 2 alternates: the mask is re-drawn every ``remask_every`` steps, and the mask of the
-        period with the lowest mean KL is the one it hands on (``self.best``), so the stage never
-        returns a worse mask, on its training windows, than the one it started from.
+        Stage 2 alternates: the mask is re-drawn every ``remask_every`` steps, and each new mask is
+        judged by its KL on the fixed validation windows; the best (the warm start's mask
+        included) is the one it hands on (``self.best``), so the stage never returns a worse mask,
+        on those windows, than the one it started from.
         """
         log, start = StageLog(stage, steps), time.perf_counter()
         opt = torch.optim.Adam([self.theta], lr=self.cfg.lr, betas=(0.5, 0.99))
-        mask = self.mask() if stage == 2 else None
-        period: list[float] = []
+        mask = None
+        if stage == 2 and steps:
+            if self.start is not None:
+                self._settle(log, self.start)
+            mask = self.mask()
+            self._settle(log, mask)
         dense, ramp = self.layout.dense_params, max(1.0, self.cfg.warmup * steps)
         for step in range(steps):
             # stage 1 ramps the budget from dense to the target over its first ``warmup`` part
             # (CoFi's warm-up), so the multiplier does not wind up while the count is still flat
-            self.target = dense - (dense - self.allowed) * min(1.0, (step + 1) / ramp) if stage == 1 else self.allowed
+            # (after a warm start the gates already sit at the budget: no ramp)
+            ramped = stage == 1 and self.start is None
+            self.target = dense - (dense - self.allowed) * min(1.0, (step + 1) / ramp) if ramped else self.allowed
             if mask is not None and step and step % self.cfg.remask_every == 0:
-                self._settle(log, mask, period)
-                mask, period = self.mask(), []
+                mask = self.mask()
+                self._settle(log, mask)
             t = self.terms(stage, self.batch(), mask)
             opt.zero_grad(set_to_none=True)
             t.total.backward()
@@ -203,24 +215,33 @@ class Trainer:
             self.lam = max(0.0, self.lam + self.cfg.dual_lr * t.e)
             kl, total = float(t.kl.detach()), float(t.total.detach())
             achieved = 1 - (mask.params if mask is not None else self.target + t.e * dense) / dense
-            period.append(kl)
             if stage == 1:
                 log.objective_first = total if step == 0 else log.objective_first
                 log.objective_last = total
             log.kl_last, log.ratio = kl, achieved
             self._show(stage, t, kl, achieved)
-        if mask is not None and period:
-            self._settle(log, mask, period)
+        if mask is not None:
+            mask = self.mask()
+            self._settle(log, mask)
         log.seconds = time.perf_counter() - start
         return log
 
-    def _settle(self, log: StageLog, mask: HardMask, period: list[float]) -> None:
-        """End of one stage-2 period: keep its mask if its mean KL is the best so far (stage 2's
-        objective is the KL of the exact-budget hard mask; the soft terms only steer)."""
-        kl = sum(period) / len(period)
+    @torch.no_grad()
+    def judge(self, mask: HardMask) -> float:
+        """KL of the hard ``mask`` (plain gates) on the fixed validation windows."""
+        self.set_scales(mask.keep.to(self.device, torch.float32))
+        return float(self.kl(self.validation))
+
+    def _settle(self, log: StageLog, mask: HardMask) -> None:
+        """Judge a stage-2 mask; keep it if its validation KL is the best so far (stage 2's objective
+        is the KL of the exact-budget hard mask; the soft terms only steer). A mask equal to the
+        best one is not judged again."""
+        if self.best is not None and torch.equal(self.best.keep, mask.keep):
+            return
+        kl = self.judge(mask)
         if math.isnan(log.objective_first):
             log.objective_first = kl
-        if self.best is None or kl < log.objective_last or math.isnan(log.objective_last):
+        if self.best is None or math.isnan(log.objective_last) or kl < log.objective_last:
             self.best, log.objective_last = mask, kl
 
     def final_mask(self) -> HardMask:
@@ -291,6 +312,8 @@ class Trainer:
             p.requires_grad_(False)
         try:
             with swapped(self.model, dict(self.layers)):
+                if self.cfg.init != "uniform":
+                    self.start = warm_start(self, self.cfg.init, self.cfg.init_windows, self.cfg.spread)
                 logs = [self.relax(1, steps[0]), self.relax(2, steps[1])]
             mask = self.final_mask()
             layers, log3, scale = self.compensate(mask, steps[2])

@@ -102,13 +102,15 @@ def component_floor(shape: tuple[int, int], keep_rank_ratio: float) -> int:
 
 
 def zero_sum_ranks(shapes: Sequence[tuple[int, int]], scores: Sequence[Sequence[float]], allowed: int,
-                   floors: Sequence[int] | None = None) -> tuple[list[int], float]:
+                   floors: Sequence[int] | None = None,
+                   removed: list[tuple[int, int]] | None = None) -> tuple[list[int], float]:
     """The zero-sum greedy selection; returns (planned rank per matrix, final running sum).
 
     ``scores[j][i]`` is the predicted loss change of deleting component i (descending spectrum
     order) of matrix j. Components go from the end of each spectrum. The loop stops as soon as the
     stored parameters (dense while the rank is above r*) are at most ``allowed``, or when no
-    matrix can give up another component (``floors``).
+    matrix can give up another component (``floors``). ``removed``, when given, receives every
+    deleted (matrix, component) in the order of deletion.
     """
     count = len(shapes)
     floors = [1] * count if floors is None else list(floors)
@@ -131,6 +133,8 @@ def zero_sum_ranks(shapes: Sequence[tuple[int, int]], scores: Sequence[Sequence[
         _, j = heapq.heappop(first if first else second)
         ranks[j] -= 1
         running += float(scores[j][ranks[j]])
+        if removed is not None:
+            removed.append((j, ranks[j]))
         now = stored_params(*shapes[j], ranks[j])
         total += now - stored[j]
         stored[j] = now
