@@ -16,7 +16,6 @@ from lowrank_builtin import Identity, Whitening
 from lowrank_builtin.soco import SoCo, SoCoConfig, spectral_layers
 from lowrank_builtin.soco_init import first_order_gain, placed_logits, zero_sum_priority
 from lowrank_builtin.soco_stages import Trainer
-from lowrank_builtin.zero_sum import component_floor, published_keep_rank_ratio, zero_sum_ranks
 from lowrank_builtin.soco_train import (
     Layout,
     hard_mask,
@@ -25,6 +24,7 @@ from lowrank_builtin.soco_train import (
     teacher_cache,
     topk_kl,
 )
+from lowrank_builtin.zero_sum import component_floor, published_keep_rank_ratio, zero_sum_ranks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
