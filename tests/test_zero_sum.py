@@ -116,17 +116,20 @@ def _context(model, data, rank_fraction=0.5):
     return ctx, plan
 
 
-@pytest.mark.parametrize("lean,batches", [(True, 1), (False, 1), (True, 2)])
-def test_correction_reduces_the_calibration_loss(lean, batches):
+@pytest.mark.parametrize("lean,batches", [(True, 1), (False, 1), (True, 4)])
+def test_correction_reduces_the_loss_on_its_batches(lean, batches):
+    from lowrank_builtin.zero_sum import _correction_windows
+
     model, data = _trained_tiny()
     ctx, plan = _context(model, data)
     for name, sel in plan.items():
         ctx.set_weight(name, ctx.truncation(name, sel))
-    truncated = ctx.loss()
+    batch = _correction_windows(data, batches, 128, seed=1)   # what the first correction draws
+    truncated = ctx.loss(batch, batch_size=1)
     ZeroSum(stages=2, lean=lean, correction_batches=batches, correction_seqlen=128).refine(ctx, plan)
-    corrected = ctx.loss()
+    corrected = ctx.loss(batch, batch_size=1)
     assert corrected < truncated - 1e-3, (truncated, corrected)
-    assert any("zero-sum correction" in n for n in ctx.notes)
+    assert any(f"zero-sum correction 1/1: loss on its {batches} x 32 tokens" in n for n in ctx.notes)
 
 
 def test_lean_and_plain_corrections_agree():
@@ -138,6 +141,39 @@ def test_lean_and_plain_corrections_agree():
         results.append({n: ctx.weight(n) for n in plan})
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_correction_batches_are_whole_calibration_windows_cut_to_their_last_tokens():
+    from lowrank_builtin.zero_sum import _correction_windows
+
+    calib = torch.arange(6 * 10).reshape(6, 10)
+    whole = _correction_windows(calib, 2, 1024, seed=1)      # longer than a window: the whole window
+    assert whole.shape == (2, 10)
+    assert all(any(torch.equal(row, c) for c in calib) for row in whole)
+    cut = _correction_windows(calib, 3, 4, seed=1)           # the last 4 tokens of a window
+    assert cut.shape == (3, 4)
+    assert all(any(torch.equal(row, c[-4:]) for c in calib) for row in cut)
+    assert torch.equal(_correction_windows(calib, 3, 4, seed=1), cut)   # seeded
+
+
+@pytest.mark.parametrize("dense", ["original", "refined"])
+def test_a_dense_planned_matrix_is_reset_or_carried_and_corrected(dense):
+    model, data = _trained_tiny()
+    ctx, plan = _context(model, data)
+    name = next(iter(plan))
+    plan[name] = Selection.dense()
+    moved = ctx.teacher[name] + 0.01 * torch.randn_like(ctx.teacher[name])
+    ctx.set_weight(name, moved)   # as a matrix compressed and corrected in an earlier stage would be
+    allocator = ZeroSum(stages=2, correction_seqlen=128, dense_matrices=dense)
+    allocator.refine(ctx, plan)
+    after = ctx.weight(name)
+    assert allocator.restores_dense == (dense == "original")
+    if dense == "original":
+        torch.testing.assert_close(after, ctx.teacher[name], rtol=0, atol=0)
+    else:   # not reset, and moved by the correction towards the teacher along its gradient
+        assert not torch.equal(after, moved)
+        assert not torch.equal(after, ctx.teacher[name])
+        assert (after - ctx.teacher[name]).norm() < (moved - ctx.teacher[name]).norm()
 
 
 # -- through the pipeline ---------------------------------------------------------------------------
@@ -201,6 +237,31 @@ def test_stages_correct_and_dense_matrices_get_the_teacher_back():
     for m in report.matrices:
         if m.rank is None:
             torch.testing.assert_close(model.get_submodule(m.name).weight, original[m.name + ".weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("restores", [True, False])
+def test_the_planner_restores_dense_matrices_only_when_the_allocator_asks(restores):
+    model = build("llama")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Nudge(ZeroSum):
+        name = "zero-sum"
+
+        @property
+        def restores_dense(self):
+            return restores
+
+        def refine(self, context, plan):
+            for t in context.targets:   # every matrix moved, as a carried correction would move it
+                context.set_weight(t.name, context.weight(t.name) * 1.001)
+
+    recipe = lowrank.Recipe(allocator=Nudge(stages=2, gradient_seqlen=64), ratio=0.4)
+    report = lowrank.compress(model, recipe, calibration(), progress=False)
+    dense = [m.name for m in report.matrices if m.rank is None]
+    assert dense
+    for name in dense:
+        same = torch.equal(model.get_submodule(name).weight, original[name + ".weight"])
+        assert same == restores, name
 
 
 def test_failure_leaves_the_model_untouched():

@@ -91,6 +91,12 @@ class Allocator(Strategy):
         """Planning stages; between two of them :meth:`refine` may change the weights."""
         return 1
 
+    @property
+    def restores_dense(self) -> bool:
+        """Whether a matrix the last stage plans dense gets its original weight back after the
+        refinements (True), or keeps the weight they left it (False; ZS-SVD's published code)."""
+        return True
+
     def refine(self, context: RefineContext, plan: dict[str, Selection]) -> None:
         """Between two planning stages: e.g. truncate to ``plan`` and correct the weights (ZS-SVD)."""
 

@@ -68,7 +68,8 @@ class GlobalPlanner:
 
     def plan(self, inputs: BlockInputs, undo: Undo) -> dict[str, Selection]:
         """Every stage of the allocator; returns the last stage's plan. Weights that a ``refine``
-        changed are recorded in ``undo``; a matrix planned dense ends with its original weight."""
+        changed are recorded in ``undo``; a matrix planned dense ends with its original weight
+        unless the allocator says otherwise (``Allocator.restores_dense``)."""
         setup = self.setup
         context = EngineModelContext(setup.model, setup.targets, setup.calibration,
                                      self._gradient_data(setup.recipe.allocator), setup.device)
@@ -94,7 +95,7 @@ class GlobalPlanner:
                 allocator.refine(refine, plan)
             setup.report.notes.extend(refine.notes)
             setup.keep_diagnostics(allocator.name, refine.diagnostics)
-        if teacher:  # a matrix that ends up dense keeps its original weight
+        if teacher and allocator.restores_dense:  # a matrix that ends up dense keeps its original weight
             for t in setup.targets:
                 if plan[t.name].stays_dense(t.shape):
                     context.set_weight(t.name, teacher[t.name])

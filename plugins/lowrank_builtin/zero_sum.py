@@ -17,6 +17,15 @@ matrix is set to its truncation W_t, Delta = W_teacher - W_t, the calibration-lo
 the truncated weights are taken on a few batches, and the projection of Delta onto span{g_b},
 G (G^T G + eps I)^-1 G^T Delta, is added (per matrix). The next stage re-profiles, re-scores and
 re-plans from the corrected weights; the last one lands on the planned ranks.
+
+Where the published code and its intent part, ``dense_matrices`` says which runs. The intent
+(``original``, the default; the scripts' ``--sub_with_teacher_module``): a matrix planned dense
+holds its original weight between stages and at the end. The published code (``refined``, the
+``zs-svd-multistage`` preset), in which that flag never takes effect: a matrix is never reset, so a matrix compressed in one stage and planned dense in the next
+keeps its truncated and corrected weight, is corrected again like the others, and is stored
+dense with that weight at the end. Each correction batch is one calibration window drawn at
+random, its last ``correction_seqlen`` tokens (all of it when the windows are shorter), as the
+published code cuts it.
 """
 
 from __future__ import annotations
@@ -60,6 +69,10 @@ class ZeroSumConfig:
     correction_batches: int = Field(1, ge=1, description="gradient batches of the correction (published: 1)")
     correction_seqlen: int = Field(1024, ge=2, description="tokens per correction batch (published: 1024)")
     eps: float = Field(1e-6, ge=0.0, description="ridge of the projection onto the gradients' span")
+    dense_matrices: Literal["original", "refined"] = Field(
+        "original", description="what a matrix planned dense holds between stages and at the end: its "
+                                "original weight, or (refined, the published code) the weight earlier "
+                                "stages' truncations and corrections left, corrected again like the others")
 
 
 # -- scores ---------------------------------------------------------------------------------------
@@ -155,18 +168,12 @@ def project_onto_gradients(delta: torch.Tensor, grads: Sequence[torch.Tensor], e
 
 
 def _correction_windows(calibration: torch.Tensor, batches: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``batches`` random runs of ``seqlen`` tokens from the calibration windows: inside one window
-    when they are long enough (contiguous text), else consecutive tokens of the concatenated windows."""
+    """``batches`` calibration windows drawn at random, each cut to its last ``seqlen`` tokens (the
+    whole window when it is shorter), as the published code takes its correction batches."""
     g = torch.Generator().manual_seed(seed)
     n, length = calibration.shape
-    if seqlen <= length:
-        rows = torch.randint(0, n, (batches,), generator=g).tolist()
-        starts = torch.randint(0, length - seqlen + 1, (batches,), generator=g).tolist()
-        return torch.stack([calibration[r, s:s + seqlen] for r, s in zip(rows, starts)])
-    flat = calibration.reshape(-1)
-    seqlen = min(seqlen, flat.numel())
-    starts = torch.randint(0, flat.numel() - seqlen + 1, (batches,), generator=g).tolist()
-    return torch.stack([flat[s:s + seqlen] for s in starts])
+    rows = torch.randint(0, n, (batches,), generator=g)
+    return calibration[rows, max(0, length - seqlen):]
 
 
 class ZeroSum(lowrank.Allocator):
@@ -235,33 +242,40 @@ class ZeroSum(lowrank.Allocator):
 
     # -- the correction between stages ----------------------------------------------------------
 
+    @property
+    def restores_dense(self) -> bool:  # type: ignore[override]
+        return self.config.dense_matrices == "original"
+
     def refine(self, context, plan) -> None:
         cfg = self.config
-        compressed = set()
+        corrected = set()   # the matrices the correction moves
         for t in context.targets:
             sel = plan[t.name]
             if sel.is_dense or sel.params(t.shape) >= t.shape[0] * t.shape[1]:
-                context.set_weight(t.name, context.teacher[t.name])
+                if cfg.dense_matrices == "original":
+                    context.set_weight(t.name, context.teacher[t.name])
+                else:   # the published code: left as the earlier stages made it, and corrected
+                    corrected.add(t.name)
             else:
                 svd = context.profiles.pop(t.name).to(context.device)   # freed as we go
                 a, b = build_factors(svd, sel)
                 context.set_weight(t.name, a @ b)
-                compressed.add(t.name)
+                corrected.add(t.name)
                 del svd, a, b
         limit = max_positions(context.model) or cfg.correction_seqlen
         windows = _correction_windows(context.calibration, cfg.correction_batches, min(cfg.correction_seqlen, limit),
                                       seed=1 + context.stage)
         context.profiles.clear()   # the next stage re-profiles; free this one's SVDs before it does
-        info = self._correct(context, compressed, windows)
+        info = self._correct(context, corrected, windows)
         after = context.loss(windows, batch_size=1)
         context.notes.append(f"zero-sum correction {context.stage + 1}/{context.stages - 1}: loss on its "
                              f"{windows.shape[0]} x {windows.shape[1]} tokens {info.loss:.4f} (truncated) -> "
                              f"{after:.4f} (corrected)")
 
-    def _correct(self, context, compressed: set[str], windows: torch.Tensor):
-        """Add to every compressed matrix the projection of (teacher - current) onto its gradients."""
+    def _correct(self, context, names: set[str], windows: torch.Tensor):
+        """Add to every matrix in ``names`` the projection of (teacher - current) onto its gradients."""
         eps = self.config.eps
-        modules = {name: context.module(name) for name in compressed}
+        modules = {name: context.module(name) for name in names}
 
         def out_in(name: str, w: torch.Tensor) -> torch.Tensor:
             return lowrank.as_out_in(modules[name], w)
@@ -280,14 +294,14 @@ class ZeroSum(lowrank.Allocator):
 
             return context.gradient_pass(probe, windows, lean=True)
 
-        grads: dict[str, list[torch.Tensor]] = {name: [] for name in compressed}
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
         def keep(name: str, g: torch.Tensor) -> None:
             if name in grads:
                 grads[name].append(g.detach().to("cpu", torch.float32, copy=True))
 
         info = context.gradient_pass(keep, windows, lean=self.config.lean)
-        for name in compressed:
+        for name in names:
             current = context.weight(name)
             step = project_onto_gradients(context.teacher[name] - current, grads.pop(name), eps)
             context.set_weight(name, current + step)
