@@ -219,7 +219,7 @@ def main() -> None:
     (out / f"{args.name}.md").write_text(table(rows, info))
     record = WORK / f"soco-record-soco-{args.plot_ratio:.2f}.json"
     if not record.exists():   # the ratio asked for did not run: any SoCo record will do
-        record = next(iter(sorted(WORK.glob("soco-record-soco-*.json"))), record)
+        record = next(iter(sorted(WORK.glob("soco-record-soco-0.*.json"))), record)   # soco's own, not an ablation's
     if record.exists():
         plot_importance(record, out / f"{args.name}-importance.png")
 

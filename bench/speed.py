@@ -79,7 +79,10 @@ def _spawn(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "one", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"run {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    m = austen512.machine()
+    row["cpu"] = f"{m['cpu']} ({m['cores']} cores)"   # a row rerun on another machine says so
+    return row
 
 
 def floor(t: dict) -> float:
@@ -96,8 +99,20 @@ def _store(name: str, section: str, rows: list[dict]) -> dict:
     return data
 
 
+def _merge(name: str, section: str, row: dict, key: tuple[str, ...]) -> list[dict]:
+    """The section's stored rows with ``row`` in place of the one it repeats (same ``key`` fields),
+    so a rerun of one configuration replaces only its own row."""
+    path = RESULTS / f"{name}.json"
+    rows = json.loads(path.read_text()).get(section, []) if path.exists() else []
+    same = [i for i, r in enumerate(rows) if all(r.get(k) == row.get(k) for k in key)]
+    if same:
+        rows[same[0]] = row
+    else:
+        rows.append(row)
+    return rows
+
+
 def cmd_targets(a: argparse.Namespace) -> None:
-    rows = []
     for inputs in a.inputs:
         for ratio in a.ratios:
             for fac in a.factorizations:
@@ -106,7 +121,7 @@ def cmd_targets(a: argparse.Namespace) -> None:
                 print(f"{inputs:>10} {ratio:.1f} {fac:>4}: total {t['total']:.1f}s floor {floor(t):.1f}s "
                       f"factorization {t.get('factorization', 0):.1f}s ppl {row.get('perplexity', float('nan')):.3f}",
                       flush=True)
-                rows.append(row)
+                rows = _merge(a.name, "targets", row, ("inputs", "ratio", "factorization", "windows"))
                 write(a.name, _store(a.name, "targets", rows))   # after every run: a cut run keeps its rows
 
 
@@ -119,11 +134,10 @@ def cmd_windows(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    rows = []
     for model in a.models:
-        rows.append(_spawn([model, str(a.ratio), "sequential", "auto", str(a.windows), "0"]))
-        print(f"{model}: {rows[-1]['timings']}", flush=True)
-    write(a.name, _store(a.name, "models", rows))
+        row = _spawn([model, str(a.ratio), "sequential", "auto", str(a.windows), "0"])
+        print(f"{model}: {row['timings']}", flush=True)
+        write(a.name, _store(a.name, "models", _merge(a.name, "models", row, ("model",))))
 
 
 def write(name: str, data: dict) -> None:
@@ -159,6 +173,12 @@ def write(name: str, data: dict) -> None:
             for r in data[section]:
                 t = r["timings"]
                 lines.append(f"| {r[key]} | " + " | ".join(f"{t.get(p, 0):.1f}" for p in PHASES) + f" | {t['total']:.1f} |")
+    header = f"{m['cpu']} ({m['cores']} cores)"
+    others = [f"{r.get('model', '')} {r.get('inputs', '')} {r['ratio']:.1f} {r['windows']} windows: {r['cpu']}"
+              for sec in ("targets", "windows", "models") for r in data.get(sec, []) if r.get("cpu", header) != header]
+    if others:
+        lines += ["", "Rows run on another machine than the header's (each row's ratios are measured inside its own run):", ""]
+        lines += [f"- {o}" for o in others]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(data, RESULTS / f"{name}.png", name)
 
