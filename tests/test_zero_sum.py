@@ -132,6 +132,19 @@ def test_correction_reduces_the_loss_on_its_batches(lean, batches):
     assert any(f"zero-sum correction 1/1: loss on its {batches} x 32 tokens" in n for n in ctx.notes)
 
 
+def test_the_correction_seed_picks_the_batches():
+    from lowrank_builtin.zero_sum import _correction_windows
+
+    model, data = _trained_tiny()
+    assert not torch.equal(_correction_windows(data, 1, 128, seed=1), _correction_windows(data, 1, 128, seed=5))
+    weights = []
+    for seed in (1, 1, 5):
+        ctx, plan = _context(copy.deepcopy(model), data)
+        ZeroSum(stages=2, correction_seqlen=128, correction_seed=seed).refine(ctx, plan)
+        weights.append(torch.cat([ctx.weight(n).flatten() for n in plan]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
 def test_lean_and_plain_corrections_agree():
     results = []
     for lean in (True, False):
@@ -154,6 +167,7 @@ def test_correction_batches_are_whole_calibration_windows_cut_to_their_last_toke
     assert cut.shape == (3, 4)
     assert all(any(torch.equal(row, c[-4:]) for c in calib) for row in cut)
     assert torch.equal(_correction_windows(calib, 3, 4, seed=1), cut)   # seeded
+    assert not torch.equal(_correction_windows(calib, 3, 4, seed=2), cut)   # correction_seed + stage
 
 
 @pytest.mark.parametrize("dense", ["original", "refined"])

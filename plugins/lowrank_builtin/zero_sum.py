@@ -69,6 +69,8 @@ class ZeroSumConfig:
     correction_batches: int = Field(1, ge=1, description="gradient batches of the correction (published: 1)")
     correction_seqlen: int = Field(1024, ge=2, description="tokens per correction batch (published: 1024)")
     eps: float = Field(1e-6, ge=0.0, description="ridge of the projection onto the gradients' span")
+    correction_seed: int = Field(1, ge=0, description="seed of the correction batches' draw (stage s draws with "
+                                                      "this + s; the published code draws at random)")
     dense_matrices: Literal["original", "refined"] = Field(
         "original", description="what a matrix planned dense holds between stages and at the end: its "
                                 "original weight, or (refined, the published code) the weight earlier "
@@ -264,7 +266,7 @@ class ZeroSum(lowrank.Allocator):
                 del svd, a, b
         limit = max_positions(context.model) or cfg.correction_seqlen
         windows = _correction_windows(context.calibration, cfg.correction_batches, min(cfg.correction_seqlen, limit),
-                                      seed=1 + context.stage)
+                                      seed=cfg.correction_seed + context.stage)
         context.profiles.clear()   # the next stage re-profiles; free this one's SVDs before it does
         info = self._correct(context, corrected, windows)
         after = context.loss(windows, batch_size=1)
