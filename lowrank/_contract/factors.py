@@ -112,10 +112,17 @@ def build_factors(svd: ScaledSVD, selection: Selection) -> tuple[torch.Tensor, t
 
 
 def activation_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """Relative error in the activation norm: sqrt(tr(D G D^T) / tr(W G W^T)), D = W - approx."""
-    d = weight - approx
-    num = ((d @ gram) * d).sum()
-    den = ((weight @ gram) * weight).sum()
+    """Relative error in the activation norm: sqrt(tr(D G D^T) / tr(W G W^T)), D = W - approx.
+
+    A diagnostic of the report: D is formed in the inputs' precision (no cancellation is lost),
+    the two m x n x n products run in float32 (half the time of float64 on a CPU, far less on a
+    GPU; relative error about 1e-6, far below the digits the report prints), the sums in float64.
+    """
+    d = (weight - approx).to(torch.float32)
+    g = gram.to(torch.float32)
+    w = weight.to(torch.float32)
+    num = ((d @ g) * d).sum(dtype=torch.float64)
+    den = ((w @ g) * w).sum(dtype=torch.float64)
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return float((num.clamp_min(0) / den).sqrt())
