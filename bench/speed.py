@@ -173,6 +173,8 @@ def write(name: str, data: dict) -> None:
             for r in data[section]:
                 t = r["timings"]
                 lines.append(f"| {r[key]} | " + " | ".join(f"{t.get(p, 0):.1f}" for p in PHASES) + f" | {t['total']:.1f} |")
+    if data.get("notes"):   # what the tables cannot say (the load during a row, ...), kept in the JSON
+        lines += [""] + data["notes"]
     header = f"{m['cpu']} ({m['cores']} cores)"
     others = [f"{r.get('model', '')} {r.get('inputs', '')} {r['ratio']:.1f} {r['windows']} windows: {r['cpu']}"
               for sec in ("targets", "windows", "models") for r in data.get(sec, []) if r.get("cpu", header) != header]
