@@ -276,6 +276,9 @@ def test_the_planner_restores_dense_matrices_only_when_the_allocator_asks(restor
     for name in dense:
         same = torch.equal(model.get_submodule(name).weight, original[name + ".weight"])
         assert same == restores, name
+    said = [n for n in report.notes if "stored dense keep the weights" in n]
+    assert said == ([] if restores else [f"zero-sum: {len(dense)} of {len(dense)} matrices stored dense keep the "
+                                         "weights its refinements left them, not their original ones"])
 
 
 def test_failure_leaves_the_model_untouched():

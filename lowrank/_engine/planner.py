@@ -95,10 +95,15 @@ class GlobalPlanner:
                 allocator.refine(refine, plan)
             setup.report.notes.extend(refine.notes)
             setup.keep_diagnostics(allocator.name, refine.diagnostics)
-        if teacher and allocator.restores_dense:  # a matrix that ends up dense keeps its original weight
-            for t in setup.targets:
-                if plan[t.name].stays_dense(t.shape):
+        if teacher:  # a matrix that ends up dense keeps its original weight, unless the allocator says not
+            dense = [t for t in setup.targets if plan[t.name].stays_dense(t.shape)]
+            if allocator.restores_dense:
+                for t in dense:
                     context.set_weight(t.name, teacher[t.name])
+            else:
+                moved = sum(not torch.equal(context.weight(t.name).cpu(), teacher[t.name]) for t in dense)
+                setup.report.notes.append(f"{allocator.name}: {moved} of {len(dense)} matrices stored dense keep "
+                                          "the weights its refinements left them, not their original ones")
         return plan
 
     def _gradient_data(self, allocator: Allocator) -> torch.Tensor:
