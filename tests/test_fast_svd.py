@@ -290,3 +290,19 @@ def test_compression_with_the_randomized_factorization_reports_what_auto_does():
         assert r.activation_error == pytest.approx(a.activation_error, rel=1e-5, abs=1e-9)
         assert r.effective_rank == pytest.approx(a.effective_rank, rel=1e-6)
         assert r.participation_ratio == pytest.approx(a.participation_ratio, rel=1e-6)
+
+
+def test_activation_error_is_float64_by_default_and_close_in_float32():
+    """The public function keeps float64 (methods are compared with it at 1e-9); the report's
+    float32 products agree to about 1e-6."""
+    from lowrank import activation_error
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(32, 200, generator=g, dtype=torch.float64)
+    gram = x @ x.T / 200
+    approx = w + 1e-3 * torch.randn(48, 32, generator=g, dtype=torch.float64)
+    d = w - approx
+    exact = float(torch.sqrt(torch.trace(d @ gram @ d.T) / torch.trace(w @ gram @ w.T)))
+    assert activation_error(w, approx, gram) == pytest.approx(exact, rel=1e-12)
+    assert activation_error(w, approx, gram, dtype=torch.float32) == pytest.approx(exact, rel=1e-5)

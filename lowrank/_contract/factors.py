@@ -111,16 +111,17 @@ def build_factors(svd: ScaledSVD, selection: Selection) -> tuple[torch.Tensor, t
     return a, b
 
 
-def activation_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+def activation_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor,
+                     dtype: torch.dtype = torch.float64) -> float:
     """Relative error in the activation norm: sqrt(tr(D G D^T) / tr(W G W^T)), D = W - approx.
 
-    A diagnostic of the report: D is formed in the inputs' precision (no cancellation is lost),
-    the two m x n x n products run in float32 (half the time of float64 on a CPU, far less on a
-    GPU; relative error about 1e-6, far below the digits the report prints), the sums in float64.
+    D is formed in the inputs' precision; the two m x n x n products run in ``dtype`` and the sums
+    in float64. The compression report passes float32 (half the time of float64 on a CPU; relative
+    error about 1e-6, below the digits it prints); comparisons between methods keep float64.
     """
-    d = (weight - approx).to(torch.float32)
-    g = gram.to(torch.float32)
-    w = weight.to(torch.float32)
+    d = (weight - approx).to(dtype)
+    g = gram.to(dtype)
+    w = weight.to(dtype)
     num = ((d @ g) * d).sum(dtype=torch.float64)
     den = ((w @ g) * w).sum(dtype=torch.float64)
     if den <= 0:

@@ -223,7 +223,7 @@ class BlockPass:
             module = block.get_submodule(t.local)
             a, b = build_factors(p.svd, sel)
             s_err = p.svd.spectrum_error(sel)
-            a_err = activation_error(p.weight, a @ b, p.stats.covariance)
+            a_err = activation_error(p.weight, a @ b, p.stats.covariance, dtype=torch.float32)   # a diagnostic
             policy = self.setup.recipe.dtype
             dtype = weight_of(module).dtype if policy == "auto" else STORAGE_DTYPES[policy]
             undo.swap(f"{self.setup.prefix}.{t.block}.{t.local}", factored_like(module, a, b, dtype))
