@@ -36,6 +36,7 @@ RUNS: dict[str, list[str]] = {
     "zs-svd (without the published floor at 0.6)": ["zs-svd-ridge-cpu-0.6"],
     "zs-svd (earlier preset: no ridge, no floor)": ["zs-svd-protocol-cpu"],
     "zs-svd-multistage": ["zs-svd-multistage-protocol-cpu-0.4"],
+    "zs-svd-multistage (other correction windows: correction_seed 11)": ["zs-svd-multistage-seed11-protocol-cpu-0.4"],
     "zs-svd-multistage (earlier preset: 1024 tokens across windows, dense reset)": ["zs-svd-multistage-v1-protocol-cpu-0.4"],
     "asvd": ["asvd-cpu-small"],
     "sigmascale": ["sigmascale-cpu-small"],
