@@ -190,6 +190,25 @@ def test_a_dense_planned_matrix_is_reset_or_carried_and_corrected(dense):
         assert (after - ctx.teacher[name]).norm() < (moved - ctx.teacher[name]).norm()
 
 
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_stage_rounding_hands_on_weights_in_that_precision(precision):
+    model, data = _trained_tiny()
+    exact_ctx, plan = _context(copy.deepcopy(model), data)
+    ZeroSum(stages=2, correction_seqlen=128).refine(exact_ctx, plan)
+    ctx, plan = _context(model, data)
+    ZeroSum(stages=2, correction_seqlen=128, stage_rounding=precision).refine(ctx, plan)
+    dtype = getattr(torch, precision)
+    moved = 0
+    for name in plan:
+        w, exact = ctx.module(name).weight.detach(), exact_ctx.module(name).weight.detach()
+        assert w.dtype == exact.dtype                                   # the model keeps its dtype
+        torch.testing.assert_close(w, w.to(dtype).to(w.dtype), rtol=0, atol=0)   # representable
+        step = torch.finfo(dtype).eps * exact.abs().max().item()
+        assert (w - exact).abs().max().item() < 20 * step              # only rounding apart
+        moved += not torch.equal(w, exact)
+    assert moved
+
+
 # -- through the pipeline ---------------------------------------------------------------------------
 
 

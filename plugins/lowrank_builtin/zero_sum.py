@@ -25,7 +25,12 @@ holds its original weight between stages and at the end. The published code (``r
 keeps its truncated and corrected weight, is corrected again like the others, and is stored
 dense with that weight at the end. Each correction batch is one calibration window drawn at
 random, its last ``correction_seqlen`` tokens (all of it when the windows are shorter), as the
-published code cuts it.
+published code cuts it. The published script also casts the model to float16 after every stage's
+truncation (``--save_after_truncation``), so its later stages profile, score and correct float16
+weights; ``stage_rounding: float16`` rounds every targeted weight a stage hands on to float16
+(after its truncation and after its correction) to measure what that costs. It rounds the weights
+only: the arithmetic stays in the compute dtype, and untargeted weights (embeddings, norms) keep
+their precision.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ class ZeroSumConfig:
         "original", description="what a matrix planned dense holds between stages and at the end: its "
                                 "original weight, or (refined, the published code) the weight earlier "
                                 "stages' truncations and corrections left, corrected again like the others")
+    stage_rounding: Literal["none", "float16", "bfloat16"] = Field(
+        "none", description="round every targeted weight a stage hands on to this precision, after its "
+                            "truncation and after its correction (the published script casts the model "
+                            "to float16 after every truncation); none keeps the compute dtype")
 
 
 # -- scores ---------------------------------------------------------------------------------------
@@ -268,11 +277,23 @@ class ZeroSum(lowrank.Allocator):
         windows = _correction_windows(context.calibration, cfg.correction_batches, min(cfg.correction_seqlen, limit),
                                       seed=cfg.correction_seed + context.stage)
         context.profiles.clear()   # the next stage re-profiles; free this one's SVDs before it does
+        self._round(context)
         info = self._correct(context, corrected, windows)
+        self._round(context)
         after = context.loss(windows, batch_size=1)
         context.notes.append(f"zero-sum correction {context.stage + 1}/{context.stages - 1}: loss on its "
                              f"{windows.shape[0]} x {windows.shape[1]} tokens {info.loss:.4f} (truncated) -> "
                              f"{after:.4f} (corrected)")
+
+    def _round(self, context) -> None:
+        """Round every targeted weight to ``stage_rounding`` (kept in its own dtype)."""
+        if self.config.stage_rounding == "none":
+            return
+        precision = getattr(torch, self.config.stage_rounding)
+        with torch.no_grad():
+            for t in context.targets:
+                w = context.module(t.name).weight
+                w.copy_(w.to(precision).to(w.dtype))
 
     def _correct(self, context, names: set[str], windows: torch.Tensor):
         """Add to every matrix in ``names`` the projection of (teacher - current) onto its gradients."""
