@@ -245,21 +245,33 @@ def write_results(rows: list[dict], name: str, info: dict, protocol: dict) -> No
     plot(rows, out / f"{name}.png", name)
 
 
-def _groups(rows: list[dict]) -> dict[tuple[str, float], list[float]]:
-    groups: dict[tuple[str, float], list[float]] = {}
+def _groups(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["recipe"], r["ratio"]), []).append(r["perplexity"])
+        groups.setdefault((r["recipe"], r["ratio"]), []).append(r)
     return groups
 
 
 def _spread_lines(rows: list[dict]) -> list[str]:
-    """Mean, min and max over the gradient windows of each (recipe, ratio) run more than once."""
+    """Mean, standard deviation, min and max over the gradient windows of each (recipe, ratio) run
+    more than once, for the evaluation text and every other text."""
     many = {k: v for k, v in _groups(rows).items() if len(v) > 1}
     if not many:
         return []
-    lines = ["", "Over gradient windows:", "", "| recipe | ratio | runs | mean | min | max |", "|---|---|---|---|---|---|"]
-    for (spec, ratio), v in many.items():
-        lines.append(f"| {spec} | {ratio:.2f} | {len(v)} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} |")
+    lines = ["", "Over gradient windows (std: sample standard deviation):", "",
+             "| recipe | ratio | windows | mean | std | min | max | other texts: mean (min-max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (spec, ratio), group in many.items():
+        v = [r["perplexity"] for r in group]
+        mean = sum(v) / len(v)
+        std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+        others = []
+        for text in group[0].get("extra_perplexity", {}):
+            o = [r["extra_perplexity"][text] for r in group if text in r.get("extra_perplexity", {})]
+            others.append(f"{text}: {sum(o) / len(o):.3f} ({min(o):.3f}-{max(o):.3f})")
+        windows = ", ".join(str(r.get("grad_offset", 0)) for r in group)
+        lines.append(f"| {spec} | {ratio:.2f} | {windows} | {mean:.3f} | {std:.3f} | {min(v):.3f} | {max(v):.3f} | "
+                     f"{'; '.join(others)} |")
     return lines
 
 
@@ -272,7 +284,8 @@ def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (pr
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = [r for r in rows if r["recipe"] == "dense"]
     for spec in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "dense"):
-        pts = sorted((ratio, v) for (name, ratio), v in _groups(rows).items() if name == spec)
+        pts = sorted((ratio, [r["perplexity"] for r in group]) for (name, ratio), group in _groups(rows).items()
+                     if name == spec)
         xs = [x for x, _ in pts]
         means = [sum(v) / len(v) for _, v in pts]
         spread = [[m - min(v) for m, (_, v) in zip(means, pts)], [max(v) - m for m, (_, v) in zip(means, pts)]]
@@ -288,6 +301,25 @@ def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (pr
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def merge(files: list[str], name: str, relabel: dict[str, str]) -> None:
+    """One table from several runs of the same protocol; every row keeps the machine it ran on."""
+    rows, machines, protocol = [], {}, None
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        keep = {k: v for k, v in data["protocol"].items() if k != "grad_offset"}
+        if protocol is not None and keep != protocol:
+            raise SystemExit(f"{f}: another protocol than {files[0]}")
+        protocol = keep
+        for r in data["rows"]:
+            r = {**r, "recipe": relabel.get(r["recipe"], r["recipe"]), "machine": r.get("machine", data["machine"])}
+            machines[r["machine"]["cpu"]] = r["machine"]
+            rows.append(r)
+    rows.sort(key=lambda r: (r["recipe"] != "dense", r["recipe"], r["ratio"], r.get("grad_offset", 0)))
+    info = dict(next(iter(machines.values())))
+    info["cpu"] = " / ".join(machines)   # the rows ran on these (each row's JSON says which)
+    write_results(rows, name, info, protocol)
 
 
 def main() -> None:
@@ -310,7 +342,14 @@ def main() -> None:
     p.add_argument("--eval-text", default=PROTOCOL["eval_text"], help="(protocol: austen:prideprejudice)")
     p.add_argument("--extra-eval", nargs="*", default=[], help="more evaluation texts, e.g. austen:persuasion")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "RATIO"), help=argparse.SUPPRESS)
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: merge the rows of these results files (same protocol) into --name")
+    p.add_argument("--relabel", nargs="*", default=[], metavar="OLD=NEW",
+                   help="with --merge: rename recipes (the same recipe saved under another spec)")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.name, dict(pair.split("=", 1) for pair in args.relabel))
+        return
     protocol = {**PROTOCOL, "calib_windows": args.calib_windows, "eval_windows": args.eval_windows,
                 "grad_windows": args.grad_windows, "grad_seqlen": args.grad_seqlen,
                 "grad_offset": args.grad_offsets[0], "eval_text": args.eval_text, "extra_eval": args.extra_eval}
