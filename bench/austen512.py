@@ -305,7 +305,8 @@ def plot(rows: list[dict], path: Path, title: str, ylabel: str = "perplexity (pr
 
 def merge(files: list[str], name: str, relabel: dict[str, str]) -> None:
     """One table from several runs of the same protocol; every row keeps the machine it ran on."""
-    rows, machines, protocol = [], {}, None
+    rows: dict[tuple, dict] = {}   # one row per (recipe, ratio, gradient window): a later file's wins
+    machines, protocol = {}, None
     for f in files:
         data = json.loads(Path(f).read_text())
         keep = {k: v for k, v in data["protocol"].items() if k != "grad_offset"}
@@ -314,8 +315,10 @@ def merge(files: list[str], name: str, relabel: dict[str, str]) -> None:
         protocol = keep
         for r in data["rows"]:
             r = {**r, "recipe": relabel.get(r["recipe"], r["recipe"]), "machine": r.get("machine", data["machine"])}
-            machines[r["machine"]["cpu"]] = r["machine"]
-            rows.append(r)
+            rows[(r["recipe"], r["ratio"], r.get("grad_offset", 0))] = r
+    rows = list(rows.values())
+    for r in rows:
+        machines[r["machine"]["cpu"]] = r["machine"]
     rows.sort(key=lambda r: (r["recipe"] != "dense", r["recipe"], r["ratio"], r.get("grad_offset", 0)))
     info = dict(next(iter(machines.values())))
     info["cpu"] = " / ".join(machines)   # the rows ran on these (each row's JSON says which)

@@ -28,6 +28,12 @@ OFFICIAL = {
 # The recommended preset's targets (15 % below the best official run at each ratio).
 TARGETS = {0.2: 35.1, 0.4: 65.1, 0.6: 160.7}
 
+# preset -> result files holding the same preset run on several gradient windows (the official code
+# takes the first calibration window; the others say how much that one draw decides)
+SPREAD: dict[str, list[str]] = {
+    "zs-svd": ["zs-svd-windows-protocol-cpu"],
+}
+
 # preset -> result files (stems under bench/results); extra rows (in parentheses) show an earlier
 # setting of a preset, for the difference it made
 RUNS: dict[str, list[str]] = {
@@ -35,7 +41,10 @@ RUNS: dict[str, list[str]] = {
     "zs-svd": ["zs-svd-ridge-cpu-0.2", "zs-svd-ridge-cpu-0.4", "zs-svd-ridge-floor-cpu-0.6"],
     "zs-svd (without the published floor at 0.6)": ["zs-svd-ridge-cpu-0.6"],
     "zs-svd (earlier preset: no ridge, no floor)": ["zs-svd-protocol-cpu"],
-    "zs-svd-multistage": ["zs-svd-multistage-protocol-cpu-0.4"],
+    "zs-svd-multistage": ["zs-svd-multistage-protocol-cpu-0.2", "zs-svd-multistage-protocol-cpu-0.4",
+                          "zs-svd-multistage-protocol-cpu-0.6"],
+    "zs-svd-multistage (weights rounded to float16 between stages, as the official script)": [
+        "zs-svd-multistage-fp16-protocol-cpu-0.4"],
     "zs-svd-multistage (other correction windows: correction_seed 11)": ["zs-svd-multistage-seed11-protocol-cpu-0.4"],
     "zs-svd-multistage (earlier preset: 1024 tokens across windows, dense reset)": ["zs-svd-multistage-v1-protocol-cpu-0.4"],
     "asvd": ["asvd-cpu-small"],
@@ -54,6 +63,30 @@ def _rows(stems: list[str]) -> list[dict]:
             rows += [{**r, "machine": data["machine"], "protocol": data["protocol"]}
                      for r in data["rows"] if r["recipe"] != "dense"]
     return sorted(rows, key=lambda r: r["ratio"])
+
+
+def _spread_lines() -> list[str]:
+    """Mean, sample standard deviation and range over gradient windows, against the official number."""
+    lines = ["", "## Over gradient windows", "",
+             "The scores of zero-sum come from one gradient window. The official code takes the first "
+             "calibration window (window 0, the rows above); windows 1 and 2 are the next calibration windows.", "",
+             "| preset | ratio | windows | P&P mean | std | min-max | official code | Persuasion mean (min-max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, stems in SPREAD.items():
+        groups: dict[float, list[dict]] = {}
+        for r in _rows(stems):
+            groups.setdefault(round(r["ratio"], 2), []).append(r)
+        for ratio, group in sorted(groups.items()):
+            v = [r["perplexity"] for r in group]
+            o = [r["extra_perplexity"]["austen:persuasion"] for r in group
+                 if "austen:persuasion" in r.get("extra_perplexity", {})]
+            mean = sum(v) / len(v)
+            std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+            windows = ", ".join(str(r.get("grad_offset", 0)) for r in group)
+            pers = f"{sum(o) / len(o):.2f} ({min(o):.2f}-{max(o):.2f})" if o else ""
+            lines.append(f"| {label} | {ratio:.1f} | {windows} | {mean:.2f} | {std:.2f} | {min(v):.2f}-{max(v):.2f} | "
+                         f"{_official(label, ratio) or ''} | {pers} |")
+    return lines
 
 
 def _official(label: str, ratio: float) -> float | None:
@@ -99,6 +132,7 @@ def write(name: str) -> None:
         off = {x: v for x, v in OFFICIAL.get(label.split(" ")[0], {}).items() if label in OFFICIAL}
         if off:
             ax.plot(list(off), list(off.values()), "o--", mfc="none", color=line.get_color(), label=f"{label}, official code")
+    lines += _spread_lines()
     ax.plot(list(TARGETS), list(TARGETS.values()), "k*:", label="recommended: target")
     ax.axhline(29.99, color="gray", ls="--", lw=1, label="dense 29.99")
     ax.set_yscale("log")
