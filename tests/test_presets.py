@@ -9,7 +9,7 @@ import lowrank
 from lowrank import Recipe, RecipeError, RegistryError, new_manager, reset_registry
 from lowrank.cli import main
 
-NAMES = {"svd-llm", "asvd", "zs-svd", "zs-svd-multistage", "sigmascale", "aa-svd", "recommended"}
+NAMES = {"svd-llm", "asvd", "zs-svd", "zs-svd-multistage", "sigmascale", "aa-svd", "soco", "recommended"}
 
 
 def test_every_preset_is_registered_loads_and_validates():
@@ -35,6 +35,8 @@ def test_presets_say_what_the_papers_do():
     aa = Recipe.preset("aa-svd")
     assert [c.name for c in aa.corrections] == ["aa-svd"] and aa.allocator.name == "uniform"
     assert aa.corrections[0].config.epochs is None   # the published schedule on CUDA
+    soco = Recipe.preset("soco")
+    assert soco.allocator.name == "soco" and soco.allocator.config.steps is None   # full on CUDA, CPU-sized elsewhere
     best = Recipe.preset("recommended")
     assert best.allocator.name == "zero-sum" and [c.name for c in best.corrections] == ["aa-svd"]
 

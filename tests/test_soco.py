@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import assume, given
@@ -13,7 +11,7 @@ from tiny_models import build, calibration
 import lowrank
 from lowrank import LayerStats, breakeven_rank, find_targets, scaled_svd, stored_params, weight_of
 from lowrank_builtin import Identity, Whitening
-from lowrank_builtin.soco import SoCo, SoCoConfig, spectral_layers
+from lowrank_builtin.soco import CPU, FULL, SoCo, SoCoConfig, resolved, spectral_layers
 from lowrank_builtin.soco_init import first_order_gain, placed_logits, zero_sum_priority
 from lowrank_builtin.soco_stages import Trainer
 from lowrank_builtin.soco_train import (
@@ -152,7 +150,7 @@ def test_each_stage_lowers_its_objective():
     names = [t.name for t in targets]
     layout = Layout(tuple(names), tuple(t.shape for t in targets), tuple(min(t.shape) for t in targets))
     allowed = lowrank.Budget(0.4, layout.dense_params).allowed_params
-    cfg = SoCoConfig(**{**FAST, "steps": (15, 15, 10), "batch_windows": 6, "dual_lr": 0.0, "warmup": 0.0})
+    cfg = resolved(SoCoConfig(**{**FAST, "steps": (15, 15, 10), "batch_windows": 6, "dual_lr": 0.0, "warmup": 0.0}), torch.device("cpu"))
     cache = teacher_cache(model, windows, 200, torch.device("cpu"))
     layers = spectral_layers(profiles, model, names, torch.device("cpu"))
     outcome = Trainer(model, layers, layout, cache, windows, allowed, cfg, 0, torch.device("cpu")).run()
@@ -215,7 +213,19 @@ def test_deterministic_under_the_seed_and_registered():
 def test_config_rejects_bad_settings():
     with pytest.raises(lowrank.RecipeError):
         lowrank.Recipe(allocator={"soco": {"order": "random"}})
-    assert not math.isnan(SoCoConfig().lr)
+    with pytest.raises(lowrank.RecipeError):
+        lowrank.Recipe(allocator={"soco": {"batch_windows": 0}})
+
+
+def test_schedule_follows_the_device_unless_set():
+    """Null schedule settings: the full setting on CUDA, the CPU-sized one elsewhere; a set value wins."""
+    on_gpu, on_cpu = resolved(SoCoConfig(), torch.device("cuda")), resolved(SoCoConfig(), torch.device("cpu"))
+    assert {k: getattr(on_gpu, k) for k in FULL} == FULL and {k: getattr(on_cpu, k) for k in CPU} == CPU
+    assert FULL["steps"] == (200, 200, 100) and sum(CPU["steps"]) < sum(FULL["steps"]) / 5
+    mine = resolved(SoCoConfig(steps=(1, 2, 3), lr=0.7), torch.device("cuda"))
+    assert mine.steps == (1, 2, 3) and mine.lr == 0.7 and mine.batch_windows == FULL["batch_windows"]
+    with pytest.raises(ValueError, match="null"):
+        Trainer(None, {}, None, None, torch.zeros(1, 4), 0, SoCoConfig(), 0, torch.device("cpu"))
 
 
 # -- the warm start (soco_init) --------------------------------------------------------------------
@@ -248,7 +258,7 @@ def test_first_order_gain_is_the_loss_change_of_pruning():
     layout = Layout(tuple(names), tuple(t.shape for t in targets), tuple(min(t.shape) for t in targets))
     layers = spectral_layers(profiles, model, names, torch.device("cpu"))
     cache = teacher_cache(model, windows, 50, torch.device("cpu"))
-    cfg = SoCoConfig(**FAST)
+    cfg = resolved(SoCoConfig(**FAST), torch.device("cpu"))
     trainer = Trainer(model, layers, layout, cache, windows, layout.dense_params // 2, cfg, 0, torch.device("cpu"))
 
     def loss(scale):
@@ -281,7 +291,7 @@ def test_stage_two_never_hands_on_a_mask_worse_than_its_start(init):
     names = [t.name for t in targets]
     layout = Layout(tuple(names), tuple(t.shape for t in targets), tuple(min(t.shape) for t in targets))
     allowed = lowrank.Budget(0.4, layout.dense_params).allowed_params
-    cfg = SoCoConfig(**{**FAST, "init": init, "steps": (4, 9, 0), "batch_windows": 2})
+    cfg = resolved(SoCoConfig(**{**FAST, "init": init, "steps": (4, 9, 0), "batch_windows": 2}), torch.device("cpu"))
     cache = teacher_cache(model, windows, 200, torch.device("cpu"))
     layers = spectral_layers(profiles, model, names, torch.device("cpu"))
     trainer = Trainer(model, layers, layout, cache, windows, allowed, cfg, 0, torch.device("cpu"))

@@ -17,7 +17,10 @@ Why this shape (a global allocator with two planning stages):
   that prefix of k, and the compression pass reproduces W' (up to float round-off). Corrections
   of the recipe then run as usual.
 
-Choices where the paper is silent (defaults are the GPU "full" setting; docs/soco.md):
+Choices where the paper is silent (docs/soco.md). The schedule (``steps``, ``batch_windows``,
+``lr``, ``amp_lr``, ``remask_every``) left at null is ``FULL`` on CUDA and the CPU-sized ``CPU``
+elsewhere, as aa-svd's schedule is: the full setting's 500 steps of 4 windows would take hours on
+a 2-core CPU, the CPU one finishes SmolLM2-135M in minutes and is the one measured there.
 
 - the start (``init``): the paper's s = 1 gives a zero KL gradient and, in a short run, a
   ranking that is mostly the tie-break (measured: worse than zero-sum at every ratio); the
@@ -43,6 +46,7 @@ Choices where the paper is silent (defaults are the GPU "full" setting; docs/soc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -57,17 +61,27 @@ from lowrank import Budget, MatrixSpectrum, Selection, build_factors
 from .soco_stages import Outcome, Trainer
 from .soco_train import Layout, SpectralLinear, hard_mask, segment_summary, teacher_cache
 
-__all__ = ["SoCo", "SoCoConfig", "spectral_layers", "STRATEGIES"]
+__all__ = ["CPU", "FULL", "SoCo", "SoCoConfig", "resolved", "spectral_layers", "STRATEGIES"]
+
+#: The full setting, the default on CUDA: steps per stage, windows per step, the learning rates of
+#: the logits (stages 1, 2) and of the log-amplitudes (stage 3), the stage-2 re-mask period.
+FULL = {"steps": (200, 200, 100), "batch_windows": 4, "lr": 0.05, "amp_lr": 0.01, "remask_every": 10}
+#: The CPU-sized setting, the default elsewhere (bench/soco.py's reduced setting: 80 steps of one
+#: window, so larger steps and a re-mask every 4).
+CPU = {"steps": (16, 24, 40), "batch_windows": 1, "lr": 0.3, "amp_lr": 0.03, "remask_every": 4}
 
 
 @lowrank.strategy_config
 class SoCoConfig:
-    """Settings of ``soco``; the defaults are the full (GPU) setting, ``bench/soco.py`` has the CPU one."""
+    """Settings of ``soco``; a schedule setting left at null takes ``FULL`` on CUDA, ``CPU`` elsewhere."""
 
-    steps: tuple[int, int, int] = Field((200, 200, 100), description="steps of stages 1, 2, 3 (0 skips a stage)")
-    batch_windows: int = Field(4, ge=1, description="calibration windows per step")
-    lr: float = Field(0.05, gt=0, description="Adam learning rate of the importance logits (stages 1, 2)")
-    amp_lr: float = Field(0.01, gt=0, description="Adam learning rate of the log-amplitudes (stage 3)")
+    steps: tuple[int, int, int] | None = Field(None, description="steps of stages 1, 2, 3 (0 skips a stage; "
+                                                                 "null: 200/200/100 on CUDA, 16/24/40 elsewhere)")
+    batch_windows: int | None = Field(None, ge=1, description="calibration windows per step (null: 4 on CUDA, 1 elsewhere)")
+    lr: float | None = Field(None, gt=0, description="Adam learning rate of the importance logits, stages 1, 2 "
+                                                     "(null: 0.05 on CUDA, 0.3 elsewhere)")
+    amp_lr: float | None = Field(None, gt=0, description="Adam learning rate of the log-amplitudes, stage 3 "
+                                                         "(null: 0.01 on CUDA, 0.03 elsewhere)")
     init: Literal["zero-sum", "first-order", "uniform"] = Field(
         "zero-sum", description="starting logits (soco_init): placed so the first mask is zero-sum's plan from the "
                                 "first-order loss changes, or their magnitude per stored parameter (first-order), "
@@ -81,7 +95,8 @@ class SoCoConfig:
                                                         "this fraction of its steps")
     dual_lr: float = Field(0.5, ge=0, description="dual ascent step of the budget multiplier lambda")
     sparsity: float = Field(0.5, ge=0, description="polarisation weight in stage 2, in units of the budget term")
-    remask_every: int = Field(10, ge=1, description="stage 2 re-draws the hard mask every this many steps")
+    remask_every: int | None = Field(None, ge=1, description="stage 2 re-draws the hard mask every this many steps "
+                                                             "(null: 10 on CUDA, 4 elsewhere)")
     amplify: bool = Field(True, description="stage 3 may scale survivors above 1 (off: scales in (0, 1])")
     order: Literal["learned", "spectral"] = Field(
         "learned", description="which components the final mask keeps: by learned importance (published), or "
@@ -95,6 +110,12 @@ class SoCoConfig:
     progress: bool = Field(True, description="a tqdm bar with stage, step, loss terms and ratio")
     record: str | None = Field(None, description="write sigma, learned logits, mask and scales of every "
                                                  "matrix to this JSON file (for plots)")
+
+
+def resolved(config: SoCoConfig, device: torch.device) -> SoCoConfig:
+    """``config`` with every schedule setting left at null filled in: ``FULL`` on CUDA, ``CPU`` elsewhere."""
+    defaults = FULL if device.type == "cuda" else CPU
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
 def spectral_layers(profiles: dict[str, lowrank.ScaledSVD], model: torch.nn.Module, names: Sequence[str],
@@ -162,7 +183,7 @@ class SoCo(lowrank.Allocator):
 
     def refine(self, context: lowrank.RefineContext, plan: dict[str, Selection]) -> None:
         """Cache the teacher, train the three stages, write W' (or the original weight) into the model."""
-        cfg = self.config
+        cfg = resolved(self.config, context.device)
         if self.budget is None:
             raise lowrank.CompressionError("allocator 'soco': refine before the first allocation (no budget)")
         names = [t.name for t in context.targets]

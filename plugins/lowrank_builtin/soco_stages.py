@@ -118,6 +118,9 @@ class Trainer:
     def __init__(self, model: nn.Module, layers: dict[str, SpectralLinear], layout: Layout, teacher: TeacherCache,
                  windows: torch.Tensor, allowed: int, config: "SoCoConfig", seed: int, device: torch.device) -> None:
         self.model, self.layers, self.layout, self.teacher = model, layers, layout, teacher
+        unset = [k for k in ("steps", "batch_windows", "lr", "amp_lr", "remask_every") if getattr(config, k) is None]
+        if unset:
+            raise ValueError(f"soco Trainer: schedule settings {unset} are null; pass soco.resolved(config, device)")
         self.windows, self.allowed, self.cfg, self.device = windows, allowed, config, device
         total = layout.offsets[-1]
         self.theta = torch.full((total,), float(config.init_logit), device=device, requires_grad=True)
