@@ -32,6 +32,8 @@ TARGETS = {0.2: 35.1, 0.4: 65.1, 0.6: 160.7}
 # takes the first calibration window; the others say how much that one draw decides)
 SPREAD: dict[str, list[str]] = {
     "zs-svd": ["zs-svd-windows-protocol-cpu"],
+    "recommended": [f"recommended{part}-protocol-cpu-{ratio}" for ratio in ("0.2", "0.4", "0.6")
+                    for part in ("", "-windows")],
 }
 
 # preset -> result files (stems under bench/results); extra rows (in parentheses) show an earlier
@@ -50,6 +52,7 @@ RUNS: dict[str, list[str]] = {
     "asvd": ["asvd-cpu-small"],
     "sigmascale": ["sigmascale-cpu-small"],
     "aa-svd": ["aa-svd-preset-cpu-small"],
+    "soco": ["soco-protocol-cpu-0.2", "soco-protocol-cpu-0.4", "soco-protocol-cpu-0.6"],
     "recommended": ["recommended-protocol-cpu-0.2", "recommended-protocol-cpu-0.4", "recommended-protocol-cpu-0.6"],
 }
 
@@ -65,18 +68,26 @@ def _rows(stems: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["ratio"])
 
 
+def _spread_groups(stems: list[str]) -> dict[float, list[dict]]:
+    """The rows of these files by ratio, one per gradient window (a later file's window wins)."""
+    groups: dict[float, dict[int, dict]] = {}
+    for r in _rows(stems):
+        groups.setdefault(round(r["ratio"], 2), {})[r.get("grad_offset", 0)] = r
+    return {ratio: [byw[w] for w in sorted(byw)] for ratio, byw in sorted(groups.items())}
+
+
 def _spread_lines() -> list[str]:
     """Mean, sample standard deviation and range over gradient windows, against the official number."""
     lines = ["", "## Over gradient windows", "",
-             "The scores of zero-sum come from one gradient window. The official code takes the first "
-             "calibration window (window 0, the rows above); windows 1 and 2 are the next calibration windows.", "",
+             "The scores of zero-sum (also inside `recommended`) come from one gradient window. The official "
+             "code takes the first calibration window (window 0, the rows above); windows 1 and 2 are the next "
+             "calibration windows. The plot draws each range as a bar.", "",
              "| preset | ratio | windows | P&P mean | std | min-max | official code | Persuasion mean (min-max) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, stems in SPREAD.items():
-        groups: dict[float, list[dict]] = {}
-        for r in _rows(stems):
-            groups.setdefault(round(r["ratio"], 2), []).append(r)
-        for ratio, group in sorted(groups.items()):
+        for ratio, group in _spread_groups(stems).items():
+            if len(group) < 2:
+                continue
             v = [r["perplexity"] for r in group]
             o = [r["extra_perplexity"]["austen:persuasion"] for r in group
                  if "austen:persuasion" in r.get("extra_perplexity", {})]
@@ -93,6 +104,55 @@ def _official(label: str, ratio: float) -> float | None:
     return OFFICIAL.get(label.split(" ")[0], {}).get(round(ratio, 2))
 
 
+def _setting(row: dict) -> str:
+    proto = row["protocol"]
+    if proto["calib_windows"] == 128 and proto["seqlen"] == 512:
+        return "full"
+    return f"CPU-sized {proto['calib_windows']} x {proto['seqlen']}"
+
+
+def _plot(path: Path) -> None:
+    """Perplexity against ratio: the full-protocol presets (left, with the official numbers as hollow
+    markers, the range over gradient windows as a bar, the recommended targets as stars) and the
+    CPU-sized ones (right, their own scale: they are not comparable). Variants in parentheses are
+    in the table only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (full, small) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
+    colors = iter(plt.get_cmap("tab10").colors)
+    for label, stems in RUNS.items():
+        rows = _rows(stems)
+        if not rows or "(" in label:
+            continue
+        ax = full if _setting(rows[0]) == "full" else small
+        color = next(colors)
+        ax.plot([r["ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", color=color,
+                label=label if ax is full else f"{label} ({_setting(rows[0])})")
+        off = OFFICIAL.get(label, {})
+        if off:
+            ax.plot(list(off), list(off.values()), "o--", mfc="none", color=color, label=f"{label}, official code")
+        for ratio, group in _spread_groups(SPREAD.get(label, [])).items():
+            if len(group) > 1:   # the range over gradient windows
+                v = [g["perplexity"] for g in group]
+                ax.vlines(ratio, min(v), max(v), color=color, lw=6, alpha=0.35)
+    full.plot(list(TARGETS), list(TARGETS.values()), "k*:", label="recommended: target")
+    for ax, title in ((full, "full protocol (128 x 512 calibration tokens)"), (small, "CPU-sized calibration")):
+        ax.axhline(29.99, color="gray", ls="--", lw=1, label="dense 29.99")
+        ax.set_yscale("log")
+        ax.set_xlabel("ratio of targeted parameters removed")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    full.set_ylabel("perplexity, Pride and Prejudice (64 x 512)")
+    fig.suptitle("AUSTEN-512, SmolLM2-135M: presets (bars: range over gradient windows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(name: str) -> None:
     lines = [f"# AUSTEN-512: every preset ({name})", "",
              "Full protocol: SmolLM2-135M in float32; calibration 128 x 512 tokens of Emma (the protocol's "
@@ -105,12 +165,6 @@ def write(name: str) -> None:
              "of the compression on a machine shared with other jobs (upper bounds).", "",
              "| preset | setting | ratio | achieved | P&P | official code | difference | Persuasion | compress s | peak RSS MiB | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
     for label, stems in RUNS.items():
         rows = _rows(stems)
         if not rows:
@@ -122,28 +176,11 @@ def write(name: str) -> None:
             other = r.get("extra_perplexity", {}).get("austen:persuasion")
             machine = r["machine"]
             where = machine.get("gpu") or f"{machine['cores']}-core CPU"
-            proto = r["protocol"]
-            setting = ("full" if proto["calib_windows"] == 128 and proto["seqlen"] == 512
-                       else f"CPU-sized {proto['calib_windows']} x {proto['seqlen']}")
-            lines.append(f"| {label} | {setting} | {r['ratio']:.1f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.2f} | "
+            lines.append(f"| {label} | {_setting(r)} | {r['ratio']:.1f} | {r.get('ratio_achieved', 0):.4f} | {r['perplexity']:.2f} | "
                          f"{official if official else ''} | {diff} | {f'{other:.2f}' if other else ''} | "
                          f"{r.get('timings', {}).get('total', 0):.0f} | {r.get('compress_rss_peak_mb', 0):.0f} | {where} |")
-        line, = ax.plot([r["ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=label)
-        off = {x: v for x, v in OFFICIAL.get(label.split(" ")[0], {}).items() if label in OFFICIAL}
-        if off:
-            ax.plot(list(off), list(off.values()), "o--", mfc="none", color=line.get_color(), label=f"{label}, official code")
     lines += _spread_lines()
-    ax.plot(list(TARGETS), list(TARGETS.values()), "k*:", label="recommended: target")
-    ax.axhline(29.99, color="gray", ls="--", lw=1, label="dense 29.99")
-    ax.set_yscale("log")
-    ax.set_xlabel("ratio of targeted parameters removed")
-    ax.set_ylabel("perplexity, Pride and Prejudice (64 x 512)")
-    ax.set_title("AUSTEN-512, SmolLM2-135M: presets")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    plt.close(fig)
+    _plot(RESULTS / f"{name}.png")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
