@@ -369,4 +369,5 @@ def test_composes_after_sigmascale_and_before_corrections(scalings, corrections)
     report = lowrank.compress(model, recipe, windows, progress=False)
     assert report.target_params_after <= lowrank.Budget(0.4, report.target_params_before).allowed_params
     assert any(n.startswith("soco mask:") for n in report.notes)
+    assert report.timings["refinement"] > 0   # the training has its own phase in the report
     assert bool(torch.isfinite(model(windows).logits).all())

@@ -33,14 +33,15 @@ class PhaseTimer:
     compressed block that sequential inputs need; ``forward_reference`` the pass through each
     uncompressed block that carries the original model's hidden states beside them (compensated
     target, corrections that need the reference); ``planning`` is the profiling and gradient work of
-    global allocators (``gradients`` the gradient passes alone); ``corrections`` the time in
-    corrections after truncation.
+    global allocators (``gradients`` the gradient passes alone); ``refinement`` the work of a global
+    allocator between its planning stages (zero-sum's projected-gradient correction, SoCo's
+    training); ``corrections`` the time in corrections after truncation.
     """
 
     device: torch.device
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("capture", "forward", "statistics", "factorization", "forward_next", "forward_reference", "planning",
-         "gradients", "corrections"), 0.0))
+         "gradients", "refinement", "corrections"), 0.0))
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -91,7 +91,7 @@ class GlobalPlanner:
             refine = EngineRefineContext(setup.model, setup.targets, setup.calibration,
                                          self._gradient_data(allocator), setup.device,
                                          profiles=profiles, teacher=teacher, stage=stage, stages=stages)
-            with model_on_device(setup):
+            with model_on_device(setup), setup.timer.phase("refinement"):
                 allocator.refine(refine, plan)
             setup.report.notes.extend(refine.notes)
             setup.keep_diagnostics(allocator.name, refine.diagnostics)
