@@ -54,6 +54,7 @@ RUNS: dict[str, list[str]] = {
     "aa-svd": ["aa-svd-preset-cpu-small"],
     "soco": ["soco-protocol-cpu-0.2", "soco-protocol-cpu-0.4", "soco-protocol-cpu-0.6"],
     "recommended": ["recommended-protocol-cpu-0.2", "recommended-protocol-cpu-0.4", "recommended-protocol-cpu-0.6"],
+    "recommended (candidate: soco instead of zero-sum, soco's CPU schedule)": ["soco-aa-svd-protocol-cpu-0.6"],
 }
 
 
