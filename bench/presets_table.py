@@ -33,7 +33,7 @@ TARGETS = {0.2: 35.1, 0.4: 65.1, 0.6: 160.7}
 SPREAD: dict[str, list[str]] = {
     "zs-svd": ["zs-svd-windows-protocol-cpu"],
     "recommended": [f"recommended{part}-protocol-cpu-{ratio}" for ratio in ("0.2", "0.4", "0.6")
-                    for part in ("", "-windows")],
+                    for part in ("", "-windows", "-windows1")],
 }
 
 # preset -> result files (stems under bench/results); extra rows (in parentheses) show an earlier
