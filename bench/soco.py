@@ -38,13 +38,15 @@ sys.path.insert(0, str(HERE))
 
 import austen512  # noqa: E402
 
+from lowrank_builtin.soco import CPU  # noqa: E402
+
 WORK = HERE / "work"
 ROWS = WORK / "soco-rows.json"
 PROTOCOL = {"model": "smollm2-135m", "calib_text": "austen:emma", "calib_windows": 16, "calib_seqlen": 256,
             "seed": 3, "grad_windows": 1, "grad_seqlen": 1024, "eval_windows": 8, "eval_seqlen": 512,
             "eval_texts": ["austen:prideprejudice", "austen:persuasion"]}
-#: SoCo's reduced step counts on the CPU (the defaults of the allocator are the full setting).
-SOCO_CPU = {"steps": [16, 24, 40], "batch_windows": 1, "lr": 0.3, "remask_every": 4, "amp_lr": 0.03}
+#: SoCo's CPU-sized schedule: the allocator's own default off CUDA, written out so the results record it.
+SOCO_CPU = {**CPU, "steps": list(CPU["steps"])}
 VARIANTS = ("zero-sum", "soco", "soco-s1", "soco-s12", "soco-noamp", "soco-sv", "soco-uniform")
 
 

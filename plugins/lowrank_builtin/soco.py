@@ -58,7 +58,7 @@ from pydantic import Field
 import lowrank
 from lowrank import Budget, MatrixSpectrum, Selection, build_factors
 
-from .soco_stages import Outcome, Trainer
+from .soco_stages import SCHEDULE, Outcome, Trainer
 from .soco_train import Layout, SpectralLinear, hard_mask, segment_summary, teacher_cache
 
 __all__ = ["CPU", "FULL", "SoCo", "SoCoConfig", "resolved", "spectral_layers", "STRATEGIES"]
@@ -115,7 +115,7 @@ class SoCoConfig:
 def resolved(config: SoCoConfig, device: torch.device) -> SoCoConfig:
     """``config`` with every schedule setting left at null filled in: ``FULL`` on CUDA, ``CPU`` elsewhere."""
     defaults = FULL if device.type == "cuda" else CPU
-    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+    return dataclasses.replace(config, **{k: defaults[k] for k in SCHEDULE if getattr(config, k) is None})
 
 
 def spectral_layers(profiles: dict[str, lowrank.ScaledSVD], model: torch.nn.Module, names: Sequence[str],

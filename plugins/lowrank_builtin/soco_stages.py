@@ -45,7 +45,10 @@ from .soco_train import (
 if TYPE_CHECKING:
     from .soco import SoCoConfig
 
-__all__ = ["StageLog", "Terms", "Outcome", "Trainer"]
+__all__ = ["SCHEDULE", "StageLog", "Terms", "Outcome", "Trainer"]
+
+#: The settings of the training schedule; null in a config until ``soco.resolved`` fills them per device.
+SCHEDULE = ("steps", "batch_windows", "lr", "amp_lr", "remask_every")
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Trainer:
     def __init__(self, model: nn.Module, layers: dict[str, SpectralLinear], layout: Layout, teacher: TeacherCache,
                  windows: torch.Tensor, allowed: int, config: "SoCoConfig", seed: int, device: torch.device) -> None:
         self.model, self.layers, self.layout, self.teacher = model, layers, layout, teacher
-        unset = [k for k in ("steps", "batch_windows", "lr", "amp_lr", "remask_every") if getattr(config, k) is None]
+        unset = [k for k in SCHEDULE if getattr(config, k) is None]
         if unset:
             raise ValueError(f"soco Trainer: schedule settings {unset} are null; pass soco.resolved(config, device)")
         self.windows, self.allowed, self.cfg, self.device = windows, allowed, config, device
