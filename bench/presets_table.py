@@ -33,7 +33,7 @@ TARGETS = {0.2: 35.1, 0.4: 65.1, 0.6: 160.7}
 SPREAD: dict[str, list[str]] = {
     "zs-svd": ["zs-svd-windows-protocol-cpu"],
     "recommended": [f"recommended{part}-protocol-cpu-{ratio}" for ratio in ("0.2", "0.4", "0.6")
-                    for part in ("", "-windows", "-windows1")],
+                    for part in ("", "-windows", "-windows1", "-windows2")],
 }
 
 # preset -> result files (stems under bench/results); extra rows (in parentheses) show an earlier
@@ -52,7 +52,7 @@ RUNS: dict[str, list[str]] = {
     "asvd": ["asvd-cpu-small"],
     "sigmascale": ["sigmascale-cpu-small"],
     "aa-svd": ["aa-svd-preset-cpu-small"],
-    "soco": ["soco-protocol-cpu-0.2", "soco-protocol-cpu-0.4", "soco-protocol-cpu-0.6"],
+    "soco": ["soco-preset-cpu-small", "soco-protocol-cpu-0.2", "soco-protocol-cpu-0.4", "soco-protocol-cpu-0.6"],
     "recommended": ["recommended-protocol-cpu-0.2", "recommended-protocol-cpu-0.4", "recommended-protocol-cpu-0.6"],
     "recommended (candidate: soco instead of zero-sum, soco's CPU schedule)": ["soco-aa-svd-protocol-cpu-0.6"],
 }
