@@ -55,6 +55,7 @@ RUNS: dict[str, list[str]] = {
     "soco": ["soco-preset-cpu-small", "soco-protocol-cpu-0.2", "soco-protocol-cpu-0.4", "soco-protocol-cpu-0.6"],
     "recommended": ["recommended-protocol-cpu-0.2", "recommended-protocol-cpu-0.4", "recommended-protocol-cpu-0.6"],
     "recommended (candidate: soco instead of zero-sum, soco's CPU schedule)": ["soco-aa-svd-protocol-cpu-0.6"],
+    "recommended (candidate: aa-svd with 4 epochs instead of 2)": ["recommended-epochs4-protocol-cpu-0.2"],
 }
 
 
