@@ -129,6 +129,10 @@ class Recipe:
             to the original layer's output on the original inputs X: the rank-k minimiser of
             ||W X - W' X~|| is the scaled truncation of W* = W C_x~x C_x~x~^-1 (the error of the
             earlier blocks is compensated, in closed form; SAES-SVD). Works with every scaling.
+        compensation: how strongly ``target: compensated`` compensates: a number alpha in [0, 1]
+            (W + alpha (W* - W): 0 is the plain target, 1 full compensation; SAES-SVD's weight beta
+            is alpha / (1 - alpha)) or ``adaptive`` (SAES-SVD's ACES: per layer, the alpha whose
+            rank-k truncation keeps the largest share of the target's output energy).
         name: a label stored with the compressed model.
     """
 
@@ -145,6 +149,7 @@ class Recipe:
     factorization: str = "auto"
     inputs: str = "sequential"
     target: str = "plain"
+    compensation: float | str = "adaptive"
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
@@ -204,6 +209,15 @@ class Recipe:
         if self.target == "compensated" and self.inputs != "sequential":
             raise RecipeError("target: compensated corrects the shift between the original and the compressed "
                               "model's inputs, so it needs inputs: sequential (with inputs: original there is none)")
+        if self.compensation != "adaptive":
+            if isinstance(self.compensation, bool) or not isinstance(self.compensation, (int, float)) \
+                    or not 0 <= self.compensation <= 1:
+                raise RecipeError(f"compensation: expected adaptive or a number from 0 (plain target) to 1 (full "
+                                  f"compensation), got {self.compensation!r}")
+            if self.target != "compensated":
+                raise RecipeError("compensation sets the strength of target: compensated; with target: "
+                                  f"{self.target} it would do nothing (remove it, or set target: compensated)")
+            self.compensation = float(self.compensation)
         if not isinstance(self.name, str):
             raise RecipeError(f"name: expected a string, got {self.name!r}")
 
@@ -227,6 +241,7 @@ class Recipe:
             "factorization": self.factorization,
             "inputs": self.inputs,
             "target": self.target,
+            "compensation": self.compensation,
         }
 
     @classmethod

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._contract.accounting import breakeven_rank
+from .._contract.accounting import breakeven_rank, uniform_rank
 from .._contract.allocator import Allocator
 from .._contract.blocks import BlockContext, BlockInputs, run_block
 from .._contract.diagnostics import effective_rank, participation_ratio
@@ -26,7 +26,7 @@ from .._contract.model import Target, weight_of
 from .._contract.report import MatrixReport
 from .._contract.spectrum import Budget, MatrixSpectrum, Selection
 from .._contract.stats import LayerStats
-from .compensation import CrossCollector, compensated_weight
+from .compensation import CrossCollector, compensated_target
 from .device import STORAGE_DTYPES
 from .factorize import scaled_svd_batch
 from .guard import Undo
@@ -180,27 +180,43 @@ class BlockPass:
             ranks = [plan[t.name].rank if plan is not None else setup.recipe.allocator.rank_hint(t.shape, setup.recipe.ratio)
                      for t in targets]
             accurate = [needed_components(t.shape, r) for t, r in zip(targets, ranks)]
-            goals, notes = self._targets_to_fit(targets, weights, stats, collected)
+            goals, notes, strengths = self._targets_to_fit(targets, weights, stats, collected, ranks)
             svds = scaled_svd_batch(goals, stats, setup.recipe.scalings, ranks, setup.recipe.factorization,
                                     accurate)
-            for svd, note in zip(svds, notes):
+            for svd, note, strength in zip(svds, notes, strengths):
                 svd.notes.extend(note)
+                if strength is not None:
+                    svd.diagnostics["compensation_strength"] = strength
             return [MatrixProfile(t, svd, st, w, MatrixSpectrum(t.name, t.shape, svd.s, None, index))
                     for t, svd, st, w in zip(targets, svds, stats, weights)]
 
-    @staticmethod
-    def _targets_to_fit(targets: list[Target], weights: list[torch.Tensor], stats: list[LayerStats],
-                        collected: CollectedBlock) -> tuple[list[torch.Tensor], list[list[str]]]:
-        """The matrices to factor: each weight, or its compensated target W* when the run has one."""
+    def _targets_to_fit(self, targets: list[Target], weights: list[torch.Tensor], stats: list[LayerStats],
+                        collected: CollectedBlock, ranks: list[int | None],
+                        ) -> tuple[list[torch.Tensor], list[list[str]], list[float | None]]:
+        """The matrices to factor (each weight, or its compensated target W* when the run has one),
+        their notes and the compensation strength used (``None`` for plain targets)."""
         if collected.cross is None:
-            return weights, [[] for _ in weights]
-        goals, notes = [], []
-        for t, w, st in zip(targets, weights, stats):
+            return weights, [[] for _ in weights], [None for _ in weights]
+        recipe = self.setup.recipe
+        strength = None if recipe.compensation == "adaptive" else float(recipe.compensation)
+        goals, notes, strengths = [], [], []
+        for t, w, st, rank in zip(targets, weights, stats, ranks):
             cross = collected.cross.cross(t.name)
-            goal, note = (w, None) if cross is None else compensated_weight(w, cross, st.gram)
-            goals.append(goal)
-            notes.append([note] if note else [])
-        return goals, notes
+            if cross is None:   # nothing was paired for this layer
+                goals.append(w)
+                notes.append([])
+                strengths.append(None)
+                continue
+            note = []
+            if strength is None and rank is None:   # the allocator decides after the SVD
+                rank = uniform_rank(t.shape, recipe.ratio)
+                note.append(f"compensation: adaptive strength chosen at the uniform rank {rank} "
+                            "(the allocator sets ranks after the SVD)")
+            target = compensated_target(w, cross, st.gram, strength, rank)
+            goals.append(target.weight)
+            notes.append(([target.note] if target.note else []) + note)
+            strengths.append(target.strength)
+        return goals, notes, strengths
 
     def apply(self, block: nn.Module, profiles: list[MatrixProfile], selections: dict[str, Selection],
               undo: Undo) -> list[MatrixReport]:

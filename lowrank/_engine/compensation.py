@@ -24,6 +24,15 @@ few channels a hundred times larger than the rest, so a ridge relative to the me
 large for most channels), and those directions do appear in other text; this one pulls towards
 the plain target instead, and D = 0 exactly when X~ = X. ``lambda`` is ``RIDGE`` times the mean
 diagonal of C, raised when the Cholesky fails (the report says so).
+
+**Strength** (recipe ``compensation``). SAES-SVD's objective (CEALC) adds the compensation to the
+local fit with a weight beta: ||W X~ - W' X~||^2 + beta ||W X - W' X~||^2. Its full-rank minimiser
+is W + alpha D with alpha = beta / (1 + beta), so the strength alpha in [0, 1] runs from the plain
+target (0) to full compensation (1), and the rank-k problem stays the scaled truncation of that
+target. ``adaptive`` is SAES-SVD's ACES: per layer, the alpha (on a grid of 21 values) whose
+rank-k truncation keeps the largest share of the target's output energy ||W'(alpha) X~|| /
+||W*(alpha) X~||, so the rank is spent on a target that is low-rank enough to be kept. The paper
+publishes no code; the grid and the tie rule (the smallest alpha among equal ratios) are ours.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ from torch import nn
 
 from .stats import forward_hooks
 
-__all__ = ["CrossCollector", "compensated_weight", "RIDGE"]
+__all__ = ["CrossCollector", "CompensatedTarget", "compensated_target", "adaptive_strength", "RIDGE", "STRENGTHS"]
 
 #: Relative ridge on the compressed inputs' Gram matrix before it is inverted.
 RIDGE = 1e-4
+
+#: The strengths ``compensation: adaptive`` chooses from (0 is the plain target, 1 full compensation).
+STRENGTHS = tuple(i / 20 for i in range(21))
 
 
 @dataclass
@@ -99,13 +111,25 @@ class CrossCollector:
         return None if acc is None else acc.to(torch.float64)
 
 
-def compensated_weight(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-    """W* = W + W (M - C)(C + lambda I)^-1 (float64) and a note when the ridge had to grow past ``RIDGE``.
+@dataclass(frozen=True)
+class CompensatedTarget:
+    """The matrix a layer is fitted to, W + strength x D, with the strength used and any note."""
+
+    weight: torch.Tensor
+    strength: float
+    note: str | None = None
+
+
+def compensated_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, strength: float | None = 1.0,
+                       rank: int | None = None) -> CompensatedTarget:
+    """W* = W + alpha W (M - C)(C + lambda I)^-1 in float64.
 
     Args:
         weight: W, out x in.
         cross: M = sum x x~^T, in x in.
         gram: C = sum x~ x~^T, in x in.
+        strength: alpha in [0, 1]; ``None`` chooses it per layer (:func:`adaptive_strength`).
+        rank: the rank the layer will keep (needed when ``strength`` is ``None``).
     """
     n = gram.shape[0]
     scale = float(gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
@@ -118,7 +142,37 @@ def compensated_weight(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Te
         ridge *= 10.0
         note = f"compensated target: ridge raised to {ridge:g} x mean diagonal (inputs' Gram not positive definite)"
     else:
-        return weight, "compensated target: Gram not positive definite even with a large ridge; plain target used"
+        return CompensatedTarget(weight, 0.0, "compensated target: Gram not positive definite even with a large ridge; "
+                                              "plain target used")
     # D (C + lambda I) = W (M - C)  <=>  (C + lambda I) D^T = (M - C)^T W^T (C symmetric)
     correction = torch.cholesky_solve((cross - gram).T @ weight.T, factor).T
-    return weight + correction, note
+    if strength is None:
+        if rank is None:
+            raise ValueError("compensation: adaptive needs the layer's rank")
+        strength = adaptive_strength(weight, correction, factor, rank)
+    return CompensatedTarget(weight + strength * correction, float(strength), note)
+
+
+def adaptive_strength(weight: torch.Tensor, correction: torch.Tensor, factor: torch.Tensor, rank: int) -> float:
+    """SAES-SVD's ACES: the alpha in ``STRENGTHS`` that maximises the share of the output energy of
+    W + alpha D on X~ that its best rank-``rank`` approximation keeps.
+
+    With L the Cholesky factor of X~'s Gram, ||W' X~||^2 = ||W' L||^2, so the share is the sum of the
+    ``rank`` largest eigenvalues of G(alpha) = T T^T (T = (W + alpha D) L, the smaller side) over its
+    trace; G(alpha) = PP + alpha (PQ + QP) + alpha^2 QQ is formed once.
+    """
+    p, q = weight @ factor, correction @ factor
+    if p.shape[0] > p.shape[1]:
+        p, q = p.T, q.T
+    pp, qq, pq = p @ p.T, q @ q.T, p @ q.T
+    mixed = pq + pq.T
+    if rank >= pp.shape[0]:
+        return 1.0   # nothing is truncated: the full target is kept exactly
+    best, best_share = 0.0, -1.0
+    for alpha in STRENGTHS:
+        eig = torch.linalg.eigvalsh(pp + alpha * mixed + alpha * alpha * qq).clamp_min(0)
+        total = float(eig.sum())
+        share = float(eig[-rank:].sum()) / total if total > 0 else 1.0
+        if share > best_share * (1 + 1e-12):
+            best, best_share = alpha, share
+    return best
