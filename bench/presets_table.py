@@ -48,6 +48,7 @@ RUNS: dict[str, list[str]] = {
     "zs-svd-multistage (weights rounded to float16 between stages, as the official script)": [
         "zs-svd-multistage-fp16-protocol-cpu-0.4"],
     "zs-svd-multistage (other correction windows: correction_seed 11)": ["zs-svd-multistage-seed11-protocol-cpu-0.4"],
+    "zs-svd-multistage (other correction windows: correction_seed 21)": ["zs-svd-multistage-seed21-protocol-cpu-0.4"],
     "zs-svd-multistage (earlier preset: 1024 tokens across windows, dense reset)": ["zs-svd-multistage-v1-protocol-cpu-0.4"],
     "asvd": ["asvd-cpu-small"],
     "sigmascale": ["sigmascale-cpu-small"],
