@@ -71,8 +71,7 @@ def test_compensated_beats_plain_on_a_tiny_model_with_shifted_inputs():
     errors = {}
     for target in ("plain", "compensated"):
         model = copy.deepcopy(original)
-        recipe = lowrank.Recipe(ratio=0.6, target=target, **({"compensation": 1.0} if target == "compensated" else {}))
-        report = lowrank.compress(model, recipe, windows, progress=False)
+        report = lowrank.compress(model, lowrank.Recipe(ratio=0.6, target=target), windows, progress=False)
         errors[target] = _output_error(model, original, held_out)
         errors[target + " calibration"] = _output_error(model, original, windows)
         if target == "compensated":
@@ -144,10 +143,14 @@ def test_adaptive_needs_a_rank():
         compensated_target(w, x @ shifted.T, shifted @ shifted.T, strength=None)
 
 
-def test_adaptive_is_the_default_and_its_strengths_reach_the_report():
+def test_the_default_strength_is_a_quarter():
+    assert lowrank.Recipe(target="compensated").compensation == 0.25
+    assert lowrank.Recipe().compensation == 0.25   # kept (and written) with the plain target, unused
+
+
+def test_adaptive_strengths_reach_the_report():
     model = build("llama")
-    recipe = lowrank.Recipe(ratio=0.6, target="compensated")
-    assert recipe.compensation == "adaptive"
+    recipe = lowrank.Recipe(ratio=0.6, target="compensated", compensation="adaptive")
     report = lowrank.compress(model, recipe, calibration(16, 32), progress=False)
     # block 0 sees the original inputs (nothing upstream is compressed): no shift, nothing to choose
     strengths = {m.name: m.diagnostics.get("compensation_strength") for m in report.matrices}
@@ -162,8 +165,9 @@ def test_compensation_settings_are_validated():
     for bad in (1.5, -0.1, "full", True, float("nan")):
         with pytest.raises(RecipeError, match="compensation: expected adaptive or a number from 0"):
             lowrank.Recipe(target="compensated", compensation=bad)
-    with pytest.raises(RecipeError, match="with target: plain it would do nothing"):
-        lowrank.Recipe(compensation=0.5)
+    for useless in (0.5, "adaptive"):
+        with pytest.raises(RecipeError, match="with target: plain it would do nothing"):
+            lowrank.Recipe(compensation=useless)
     recipe = lowrank.Recipe.from_yaml("target: compensated\ncompensation: 0.25\n")
     assert recipe.compensation == 0.25
     assert lowrank.Recipe.from_yaml(recipe.to_yaml()).compensation == 0.25

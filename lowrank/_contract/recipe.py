@@ -35,6 +35,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 _INPUTS = ("sequential", "original")
 _FACTORIZATIONS = ("auto", "randomized", "svd")
 _TARGETS = ("plain", "compensated")
+DEFAULT_COMPENSATION = 0.25   # measured: bench/results/compensated-strength*-protocol-cpu-0.6.md
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
@@ -131,8 +132,9 @@ class Recipe:
             earlier blocks is compensated, in closed form; SAES-SVD). Works with every scaling.
         compensation: how strongly ``target: compensated`` compensates: a number alpha in [0, 1]
             (W + alpha (W* - W): 0 is the plain target, 1 full compensation; SAES-SVD's weight beta
-            is alpha / (1 - alpha)) or ``adaptive`` (SAES-SVD's ACES: per layer, the alpha whose
-            rank-k truncation keeps the largest share of the target's output energy).
+            is alpha / (1 - alpha)) or ``adaptive`` (our reading of SAES-SVD's ACES: per layer, the
+            alpha whose rank-k truncation keeps the largest share of the target's output energy).
+            The default 0.25 was the best measured on AUSTEN-512 (docs/recipes.md).
         name: a label stored with the compressed model.
     """
 
@@ -149,7 +151,7 @@ class Recipe:
     factorization: str = "auto"
     inputs: str = "sequential"
     target: str = "plain"
-    compensation: float | str = "adaptive"
+    compensation: float | str = DEFAULT_COMPENSATION
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
@@ -214,10 +216,13 @@ class Recipe:
                     or not 0 <= self.compensation <= 1:
                 raise RecipeError(f"compensation: expected adaptive or a number from 0 (plain target) to 1 (full "
                                   f"compensation), got {self.compensation!r}")
-            if self.target != "compensated":
+            if self.target != "compensated" and self.compensation != DEFAULT_COMPENSATION:
                 raise RecipeError("compensation sets the strength of target: compensated; with target: "
                                   f"{self.target} it would do nothing (remove it, or set target: compensated)")
             self.compensation = float(self.compensation)
+        elif self.target != "compensated":
+            raise RecipeError("compensation sets the strength of target: compensated; with target: "
+                              f"{self.target} it would do nothing (remove it, or set target: compensated)")
         if not isinstance(self.name, str):
             raise RecipeError(f"name: expected a string, got {self.name!r}")
 
