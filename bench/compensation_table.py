@@ -91,7 +91,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("compensation strength alpha (0 = plain target)")
     ax.set_ylabel("perplexity, Pride and Prejudice")
-    ax.set_title("Compensated target on AUSTEN-512 (SmolLM2, whitening, uniform)")
+    ax.set_title("Compensated target, AUSTEN-512 (whitening, uniform)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
