@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import LowrankError, RecipeError
+from .fit_target import DEFAULT_COMPENSATION, checked_compensation
 from .recipe_file import parse_recipe_yaml, read_recipe_text
 from .registry import BASES, get_registry
 from .scaling import Scaling
@@ -34,8 +35,6 @@ FORMAT_VERSION = 1
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 _INPUTS = ("sequential", "original")
 _FACTORIZATIONS = ("auto", "randomized", "svd")
-_TARGETS = ("plain", "compensated")
-DEFAULT_COMPENSATION = 0.25   # measured: bench/results/compensated-strength*-protocol-cpu-0.6.md
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
@@ -206,23 +205,7 @@ class Recipe:
             raise RecipeError(f"factorization: expected one of {', '.join(_FACTORIZATIONS)}, got {self.factorization!r}")
         if self.inputs not in _INPUTS:
             raise RecipeError(f"inputs: expected one of {', '.join(_INPUTS)}, got {self.inputs!r}")
-        if self.target not in _TARGETS:
-            raise RecipeError(f"target: expected one of {', '.join(_TARGETS)}, got {self.target!r}")
-        if self.target == "compensated" and self.inputs != "sequential":
-            raise RecipeError("target: compensated corrects the shift between the original and the compressed "
-                              "model's inputs, so it needs inputs: sequential (with inputs: original there is none)")
-        if self.compensation != "adaptive":
-            if isinstance(self.compensation, bool) or not isinstance(self.compensation, (int, float)) \
-                    or not 0 <= self.compensation <= 1:
-                raise RecipeError(f"compensation: expected adaptive or a number from 0 (plain target) to 1 (full "
-                                  f"compensation), got {self.compensation!r}")
-            if self.target != "compensated" and self.compensation != DEFAULT_COMPENSATION:
-                raise RecipeError("compensation sets the strength of target: compensated; with target: "
-                                  f"{self.target} it would do nothing (remove it, or set target: compensated)")
-            self.compensation = float(self.compensation)
-        elif self.target != "compensated":
-            raise RecipeError("compensation sets the strength of target: compensated; with target: "
-                              f"{self.target} it would do nothing (remove it, or set target: compensated)")
+        self.compensation = checked_compensation(self.target, self.inputs, self.compensation)
         if not isinstance(self.name, str):
             raise RecipeError(f"name: expected a string, got {self.name!r}")
 
