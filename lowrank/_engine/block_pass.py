@@ -198,7 +198,7 @@ class BlockPass:
         if collected.cross is None:
             return weights, [[] for _ in weights], [None for _ in weights]
         recipe = self.setup.recipe
-        strength = None if recipe.compensation == "adaptive" else float(recipe.compensation)
+        strength = None if recipe.compensation == "adaptive" else recipe.compensation   # a float, checked
         goals, notes, strengths = [], [], []
         for t, w, st, rank in zip(targets, weights, stats, ranks):
             cross = collected.cross.cross(t.name)

@@ -29,7 +29,7 @@ diagonal of C, raised when the Cholesky fails (the report says so).
 local fit with a weight beta: ||W X~ - W' X~||^2 + beta ||W X - W' X~||^2. Its full-rank minimiser
 is W + alpha D with alpha = beta / (1 + beta), so the strength alpha in [0, 1] runs from the plain
 target (0) to full compensation (1), and the rank-k problem stays the scaled truncation of that
-target. ``adaptive`` is SAES-SVD's ACES: per layer, the alpha (on a grid of 21 values) whose
+target. ``adaptive`` is our reading of SAES-SVD's ACES: per layer, the alpha (on a grid of 21 values) whose
 rank-k truncation keeps the largest share of the target's output energy ||W'(alpha) X~|| /
 ||W*(alpha) X~||, so the rank is spent on a target that is low-rank enough to be kept. The paper
 publishes no code; the grid and the tie rule (the smallest alpha among equal ratios) are ours.
@@ -156,20 +156,20 @@ def compensated_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Te
 
 
 def adaptive_strength(weight: torch.Tensor, correction: torch.Tensor, factor: torch.Tensor, rank: int) -> float:
-    """SAES-SVD's ACES: the alpha in ``STRENGTHS`` that maximises the share of the output energy of
+    """SAES-SVD's ACES as we read it: the alpha in ``STRENGTHS`` that maximises the share of the output energy of
     W + alpha D on X~ that its best rank-``rank`` approximation keeps.
 
     With L the Cholesky factor of X~'s Gram, ||W' X~||^2 = ||W' L||^2, so the share is the sum of the
     ``rank`` largest eigenvalues of G(alpha) = T T^T (T = (W + alpha D) L, the smaller side) over its
     trace; G(alpha) = PP + alpha (PQ + QP) + alpha^2 QQ is formed once.
     """
+    if rank >= min(weight.shape):
+        return 1.0   # nothing is truncated: the full target is kept exactly
     p, q = weight @ factor, correction @ factor
     if p.shape[0] > p.shape[1]:
         p, q = p.T, q.T
     pp, qq, pq = p @ p.T, q @ q.T, p @ q.T
     mixed = pq + pq.T
-    if rank >= pp.shape[0]:
-        return 1.0   # nothing is truncated: the full target is kept exactly
     best, best_share = 0.0, -1.0
     for alpha in STRENGTHS:
         eig = torch.linalg.eigvalsh(pp + alpha * mixed + alpha * alpha * qq).clamp_min(0)
